@@ -1,0 +1,38 @@
+"""peft-infosteer: InfoSteer (FFN key-value memory steering) as a native PEFT method.
+
+Importing this package registers ``PeftType.INFOSTEER`` with PEFT, so that ``get_peft_model``,
+``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` work with ``InfoSteerConfig``.
+
+>>> import peft_infosteer
+>>> from peft import PeftType
+>>> PeftType.INFOSTEER.value
+'INFOSTEER'
+"""
+
+from __future__ import annotations
+
+from ._registration import INFOSTEER, register
+from .architectures import FFN_OUTPUT_PROJECTIONS, default_target_modules
+from .config import InfoSteerConfig
+from .layer import InfoSteerLayer
+from .model import InfoSteerModel
+from .ops import fused_information_flux, information_flux, usage_distribution
+from .regularizer import infosteer_loss, last_flux
+from .version import __version__
+
+register()
+
+__all__ = [
+    "FFN_OUTPUT_PROJECTIONS",
+    "INFOSTEER",
+    "InfoSteerConfig",
+    "InfoSteerLayer",
+    "InfoSteerModel",
+    "__version__",
+    "default_target_modules",
+    "fused_information_flux",
+    "infosteer_loss",
+    "information_flux",
+    "last_flux",
+    "usage_distribution",
+]

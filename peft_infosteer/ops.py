@@ -1,0 +1,225 @@
+"""The InfoSteer math (DESIGN.md section 2): usage distribution, information flux, interventions.
+
+Everything is computed in float32 whatever the input dtype. ``information_flux`` is the plain-autograd reference;
+``fused_information_flux`` is the memory-lean version used during training: it keeps only ``k`` (which the output
+projection holds anyway) and two float32 scalars per token for backward, and uses the closed-form gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "USAGE_MODES",
+    "Usage",
+    "flatten_keys",
+    "fused_information_flux",
+    "gain_keys",
+    "information_flux",
+    "usage_distribution",
+]
+
+Usage = Literal["abs", "softmax"]
+USAGE_MODES: tuple[str, ...] = ("abs", "softmax")
+
+# Rows are processed in chunks of about this many elements so the float32 temporaries stay small.
+_CHUNK_ELEMENTS = 1 << 22
+# Per-row gradient coefficients are clamped into this range so that pathological inputs (a key vector whose total
+# magnitude is denormal) give a huge but finite gradient instead of inf.
+_COEF_LIMIT = 1e30
+
+
+def _check_usage(usage: str, temperature: float) -> None:
+    if usage not in USAGE_MODES:
+        raise ValueError(f"usage must be one of {USAGE_MODES}, got {usage!r}")
+    if usage == "softmax" and not temperature > 0:
+        raise ValueError(f"usage_temperature must be > 0, got {temperature!r}")
+
+
+def usage_distribution(k: torch.Tensor, usage: Usage = "abs", temperature: float = 1.0) -> torch.Tensor:
+    """Return the usage distribution ``p`` over the last dimension of ``k``, in float32.
+
+    For ``usage="abs"`` a row of zeros has no distribution and gives a row of zeros.
+
+    >>> usage_distribution(torch.tensor([1.0, -3.0]))
+    tensor([0.2500, 0.7500])
+    """
+    _check_usage(usage, temperature)
+    k32 = k.float()
+    if usage == "softmax":
+        return torch.softmax(k32 / temperature, dim=-1)
+    a = k32.abs()
+    # divide by the row max first so that sums of huge values do not overflow
+    a = a / a.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def information_flux(k: torch.Tensor, usage: Usage = "abs", temperature: float = 1.0) -> torch.Tensor:
+    """Plain-autograd reference of the information flux ``F = H(p) / log(d_ff)`` per row, in float32.
+
+    Rows whose usage distribution is undefined (all zeros in ``abs`` mode) give ``0``. Use
+    :func:`fused_information_flux` in training; this one exists for clarity and for tests.
+
+    >>> information_flux(torch.ones(2, 8))
+    tensor([1., 1.])
+    """
+    p = usage_distribution(k, usage, temperature)
+    d = k.shape[-1]
+    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)), torch.zeros_like(p))
+    return -plogp.sum(dim=-1) / math.log(d)
+
+
+def _row_chunks(rows: int, d: int) -> range:
+    step = max(1, _CHUNK_ELEMENTS // max(d, 1))
+    return range(0, rows, step)
+
+
+class _FusedFlux(torch.autograd.Function):
+    """Flux per row with closed-form backward; saves ``k`` plus per-row float32 statistics only."""
+
+    @staticmethod
+    def forward(ctx, k: torch.Tensor, softmax: bool, temperature: float):  # type: ignore[override]
+        d = k.shape[-1]
+        rows = k.reshape(-1, d)
+        n = rows.shape[0]
+        flux = torch.empty(n, dtype=torch.float32, device=k.device)
+        entropy = torch.empty(n, dtype=torch.float32, device=k.device)
+        # abs: the row normaliser S = sum |k|, as (max, sum / max) so that neither overflows nor underflows
+        scale = torch.ones(n, dtype=torch.float32, device=k.device)
+        norm = torch.ones(n, dtype=torch.float32, device=k.device)
+        log_d = math.log(d) if d > 1 else 1.0
+        step = _row_chunks(n, d).step
+        for start in range(0, n, step):
+            x = rows[start : start + step].float()
+            if softmax:
+                logp = torch.log_softmax(x / temperature, dim=-1)
+                p = logp.exp()
+                h = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+            else:
+                a = x.abs()  # never in place: .float() of a float32 k is k itself
+                amax = a.amax(dim=-1, keepdim=True)
+                a = a.div_(amax.clamp_min(torch.finfo(torch.float32).tiny))
+                s = a.sum(dim=-1, keepdim=True)
+                p = a.div_(s.clamp_min(torch.finfo(torch.float32).tiny))
+                h = -torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)), 0.0).sum(-1)
+                scale[start : start + step] = amax.squeeze(-1)
+                norm[start : start + step] = s.squeeze(-1)
+            entropy[start : start + step] = h
+            flux[start : start + step] = h / log_d
+        valid = torch.ones(n, dtype=torch.bool, device=k.device) if softmax else scale > 0
+        flux = torch.where(valid, flux, torch.zeros_like(flux))
+        ctx.save_for_backward(k, entropy, scale, norm)
+        ctx.softmax = softmax
+        ctx.temperature = temperature
+        ctx.log_d = log_d
+        ctx.mark_non_differentiable(valid)
+        return flux.reshape(k.shape[:-1]), valid.reshape(k.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_flux: torch.Tensor, _grad_valid: torch.Tensor | None):  # type: ignore[override]
+        k, entropy, scale, norm = ctx.saved_tensors
+        d = k.shape[-1]
+        rows = k.reshape(-1, d)
+        g = grad_flux.reshape(-1).to(torch.float64)
+        grad = torch.empty_like(rows)
+        out_max = torch.finfo(k.dtype).max if k.dtype.is_floating_point else None
+        step = _row_chunks(rows.shape[0], d).step
+        for start in range(0, rows.shape[0], step):
+            sl = slice(start, start + step)
+            x = rows[sl].float()
+            h = entropy[sl].unsqueeze(-1)
+            if ctx.softmax:
+                logp = torch.log_softmax(x / ctx.temperature, dim=-1)
+                p = logp.exp()
+                coef = (g[sl] / (ctx.temperature * ctx.log_d)).clamp(-_COEF_LIMIT, _COEF_LIMIT).float().unsqueeze(-1)
+                # dF/dk_i = -p_i (log p_i + H) / (tau log d)
+                gx = torch.where(p > 0, -p * (logp + h), torch.zeros_like(p)) * coef
+            else:
+                total = scale[sl].double() * norm[sl].double()  # S = sum_j |k_j|
+                coef = torch.where(total > 0, g[sl] / (total * ctx.log_d), torch.zeros_like(total))
+                coef = coef.clamp(-_COEF_LIMIT, _COEF_LIMIT).float().unsqueeze(-1)
+                a = x.abs()
+                a = a / scale[sl].unsqueeze(-1).clamp_min(torch.finfo(torch.float32).tiny)
+                p = a / norm[sl].unsqueeze(-1).clamp_min(torch.finfo(torch.float32).tiny)
+                # dF/dk_i = sign(k_i) (-log p_i - H) / (S log d), and 0 where k_i = 0
+                logp = torch.log(p.clamp_min(torch.finfo(torch.float32).tiny))
+                gx = torch.where(p > 0, torch.sign(x) * (-logp - h), torch.zeros_like(p)) * coef
+            if out_max is not None:
+                gx = gx.clamp_(-out_max, out_max)
+            grad[sl] = gx.to(k.dtype)
+        return grad.reshape(k.shape), None, None
+
+
+def fused_information_flux(
+    k: torch.Tensor, usage: Usage = "abs", temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Information flux per row of ``k`` (float32) and a mask of the rows where it is defined.
+
+    The gradient is the closed form of DESIGN.md section 2; it equals the gradient of :func:`information_flux`.
+    For backward it keeps ``k`` and three float32 numbers per row, nothing of size ``rows x d_ff``.
+
+    >>> flux, valid = fused_information_flux(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    >>> flux, valid
+    (tensor([1., 0.]), tensor([ True, False]))
+    """
+    _check_usage(usage, temperature)
+    if k.shape[-1] == 0:
+        raise ValueError("the key vector k must have at least one coefficient (d_ff > 0)")
+    return _FusedFlux.apply(k, usage == "softmax", float(temperature))
+
+
+class _Gain(torch.autograd.Function):
+    """``k * g`` computed in float32 and rounded once, so small gain updates are not lost in bf16/fp16."""
+
+    @staticmethod
+    def forward(ctx, k: torch.Tensor, gain: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(k, gain)
+        return (k.float() * gain.float()).to(k.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        k, gain = ctx.saved_tensors
+        grad_k = grad_gain = None
+        if ctx.needs_input_grad[0]:
+            grad_k = (grad_out.float() * gain.float()).to(k.dtype)
+        if ctx.needs_input_grad[1]:
+            d = k.shape[-1]
+            grad_gain = torch.zeros(d, dtype=torch.float32, device=k.device)
+            go, kk = grad_out.reshape(-1, d), k.reshape(-1, d)
+            step = _row_chunks(go.shape[0], d).step
+            for start in range(0, go.shape[0], step):
+                grad_gain += (go[start : start + step].float() * kk[start : start + step].float()).sum(0)
+            grad_gain = grad_gain.to(gain.dtype)
+        return grad_k, grad_gain
+
+
+def gain_keys(k: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """The ``gain`` intervention ``k' = g * k`` (per-coefficient gain, broadcast over rows).
+
+    In float32 this is a plain multiply; in lower precision the product is taken in float32 and rounded once.
+
+    >>> gain_keys(torch.tensor([[1.0, 2.0]]), torch.tensor([1.0, 0.5]))
+    tensor([[1., 1.]])
+    """
+    if k.dtype == torch.float32 and gain.dtype == torch.float32:
+        return k * gain
+    return _Gain.apply(k, gain)
+
+
+def flatten_keys(k: torch.Tensor, strength: float) -> torch.Tensor:
+    """The ``flatten`` intervention: mix the usage distribution with the uniform one, keeping signs and total mass.
+
+    ``k'_i = sign(k_i) * ((1 - a) |k_i| + a * mean_j |k_j|)`` with ``a = strength``; ``strength = 0`` is the identity.
+
+    >>> flatten_keys(torch.tensor([[4.0, 0.0, -2.0, 2.0]]), 0.5)
+    tensor([[ 3.,  0., -2.,  2.]])
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"flatten_strength must be in [0, 1], got {strength!r}")
+    if strength == 0.0:
+        return k
+    mean_abs = k.abs().mean(dim=-1, keepdim=True, dtype=torch.float32).to(k.dtype)
+    return k * (1.0 - strength) + torch.sign(k) * (strength * mean_abs)

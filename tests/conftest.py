@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes prints a harmless notice when its optional CPU kernel package is absent
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import peft_infosteer  # noqa: E402,F401  (registers the method)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny():
+    """Factory: ``tiny(model_type="llama", num_layers=2, seed=0)`` -> a tiny random causal LM."""
+    from tiny_models import tiny_model
+
+    return tiny_model
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The converted real SmolLM2-135M-Instruct, or skip when the asset package is missing."""
+    from peft_infosteer.assets import MissingAssetError, smollm2_model_dir
+
+    try:
+        return smollm2_model_dir()
+    except MissingAssetError as exc:
+        pytest.skip(str(exc))
