@@ -11,6 +11,7 @@ Importing this package registers ``PeftType.INFOSTEER`` with PEFT, so that ``get
 
 from __future__ import annotations
 
+from . import _bnb_notice  # noqa: F401  (before peft imports bitsandbytes)
 from ._registration import INFOSTEER, register
 from .architectures import FFN_OUTPUT_PROJECTIONS, default_target_modules
 from .config import InfoSteerConfig
@@ -18,9 +19,20 @@ from .layer import InfoSteerLayer
 from .model import InfoSteerModel
 from .ops import fused_information_flux, information_flux, usage_distribution
 from .regularizer import infosteer_loss, last_flux
+from .trainer import InfoSteerTrainerMixin
 from .version import __version__
 
 register()
+
+
+def __getattr__(name: str):
+    # InfoSteerSFTTrainer needs the optional `trl` extra: import it on first use only
+    if name == "InfoSteerSFTTrainer":
+        from .trainer import InfoSteerSFTTrainer
+
+        return InfoSteerSFTTrainer
+    raise AttributeError(f"module 'peft_infosteer' has no attribute {name!r}")
+
 
 __all__ = [
     "FFN_OUTPUT_PROJECTIONS",
@@ -28,6 +40,8 @@ __all__ = [
     "InfoSteerConfig",
     "InfoSteerLayer",
     "InfoSteerModel",
+    "InfoSteerSFTTrainer",
+    "InfoSteerTrainerMixin",
     "__version__",
     "default_target_modules",
     "fused_information_flux",

@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .assets import MissingAssetError
+
 __all__ = ["main"]
 
 # subcommand -> (module, one-line help)
@@ -26,7 +28,7 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit status 2."""
 
 
-def _build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace | None, list[str]]:
+def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peft-infosteer",
         description="InfoSteer as a PEFT adapter: train, merge, analyse information flux.",
@@ -35,33 +37,31 @@ def _build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argpars
 
     parser.add_argument("--version", action="version", version=f"peft-infosteer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = argv[0] if argv else None
     for name, (module, help_text) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text, add_help=name != "train")
-        if name == "train":
-            # `train` hands every remaining flag to TRL's own parser (see peft_infosteer.commands.train)
-            continue
-        importlib.import_module(module).add_arguments(sp)
-    if argv and argv[0] == "train":
-        return parser, argparse.Namespace(command="train"), list(argv[1:])
-    return parser, None, []
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            # import only the chosen subcommand: the others pull in heavy dependencies for nothing
+            importlib.import_module(module).add_arguments(sp)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``peft-infosteer`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, args, rest = _build_parser(argv)
-    if args is None:
-        args = parser.parse_args(argv)
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    if argv and argv[0] == "train":
+        # every flag after `train` belongs to TRL's own parser (see peft_infosteer.commands.train)
+        command, module, rest = "train", importlib.import_module(SUBCOMMANDS["train"][0]), argv[1:]
+    else:
+        args = _build_parser(argv).parse_args(argv)
+        command, module, rest = args.command, importlib.import_module(SUBCOMMANDS[args.command][0]), args
     try:
-        if args.command == "train":
-            return int(module.run(rest) or 0)
-        return int(module.run(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as exc:
-        print(f"peft-infosteer {args.command}: error: {exc}", file=sys.stderr)
+        return int(module.run(rest) or 0)
+    except (UserError, FileNotFoundError, ValueError, MissingAssetError) as exc:
+        print(f"peft-infosteer {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"peft-infosteer {args.command}: interrupted", file=sys.stderr)
+        print(f"peft-infosteer {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -153,14 +153,17 @@ class InfoSteerLayer(BaseTunerLayer):
         recorder = self.flux_recorder
         if recorder is None or not recorder.enabled or not self.active_adapters:
             return
-        # non-reentrant checkpointing re-runs this layer during backward: that is not a new forward
-        if torch._C._current_graph_task_id() != -1:
-            return
         settings = self.infosteer_settings.get(self.active_adapters[0])
         if settings is None:
             return
         recorder.record(
-            self.layer_name, k, settings.usage, settings.usage_temperature, with_grad=settings.entropy_weight > 0
+            self.layer_name,
+            k,
+            settings.usage,
+            settings.usage_temperature,
+            with_grad=settings.entropy_weight > 0,
+            # non-reentrant checkpointing re-runs this layer during backward: that is not a new forward
+            store=torch._C._current_graph_task_id() == -1,
         )
 
     def steer(self, k: torch.Tensor) -> torch.Tensor:

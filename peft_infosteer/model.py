@@ -16,7 +16,7 @@ from .config import InfoSteerConfig
 from .layer import InfoSteerLayer, Linear
 from .regularizer import FluxRecorder
 
-__all__ = ["InfoSteerModel"]
+__all__ = ["InfoSteerModel", "token_mask"]
 
 
 class _LoraInjector(LoraModel):
@@ -49,7 +49,7 @@ class _LoraInjector(LoraModel):
         super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
 
 
-def _token_mask(kwargs: dict[str, Any]) -> torch.Tensor | None:
+def token_mask(kwargs: dict[str, Any]) -> torch.Tensor | None:
     """Positions whose next-token prediction is in the task loss; else the attention mask; else ``None`` (all)."""
     shift_labels = kwargs.get("shift_labels")
     if isinstance(shift_labels, torch.Tensor):
@@ -166,7 +166,9 @@ class InfoSteerModel(BaseTuner):
 
     def forward(self, *args: Any, **kwargs: Any):
         recorder = self.flux_recorder
-        recorder.start(_token_mask(kwargs), grad_expected=torch.is_grad_enabled() and self.model.training)
+        if self.active_adapters and not recorder.hold:
+            recorder.warn_if_unread(self.active_infosteer_config().entropy_weight)
+        recorder.start(token_mask(kwargs), grad_expected=torch.is_grad_enabled() and self.model.training)
         return self.model(*args, **kwargs)
 
     def active_infosteer_config(self) -> InfoSteerConfig:

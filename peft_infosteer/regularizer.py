@@ -7,6 +7,9 @@ last forward. Recomputation during backward (non-reentrant gradient checkpointin
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,35 +40,87 @@ class FluxRecorder:
     # set when a layer ran without grad inside a forward that expected grad: reentrant gradient checkpointing
     lost_grad: bool = False
     grad_expected: bool = False
+    # a training forward whose regularizer nobody has read yet (see `warn_if_unread`)
+    unread: bool = False
+    warned_unread: bool = False
+    # set by trainers: keep the first forward that records something and ignore later ones (metric-only forwards)
+    hold: bool = False
+    forced_mask: torch.Tensor | None = None
+    _discard: bool = False
 
     def start(self, token_mask: torch.Tensor | None, grad_expected: bool) -> None:
         """Forget the previous forward and remember which tokens count in this one."""
+        if self.hold and self.records:
+            self._discard = True
+            return
+        self._discard = False
         self.records = []
-        self.token_mask = token_mask
+        self.token_mask = self.forced_mask if self.forced_mask is not None else token_mask
         self.lost_grad = False
         self.grad_expected = grad_expected
+        self.unread = False
 
     def clear(self) -> None:
         """Drop the records (and the autograd graph they hold)."""
         self.records = []
         self.token_mask = None
+        self.unread = False
 
-    def record(self, layer: str, k: torch.Tensor, usage: str, temperature: float, with_grad: bool) -> None:
-        """Compute and store the flux of key vectors ``k`` (shape ``(..., d_ff)``) seen by ``layer``."""
-        if self.grad_expected and with_grad and not torch.is_grad_enabled():
+    @contextmanager
+    def holding(self, token_mask: torch.Tensor | None = None) -> Iterator[FluxRecorder]:
+        """Within this block, keep the records of the first forward that records anything.
+
+        Trainers run extra forwards for metrics (TRL's ``compute_loss_func`` path, DPO's reference model); the first
+        steered forward is the one the loss is built from. ``token_mask`` overrides the mask derived from the inputs.
+        """
+        self.clear()
+        self.hold, self.forced_mask = True, token_mask
+        try:
+            yield self
+        finally:
+            self.hold, self.forced_mask, self._discard = False, None, False
+
+    def warn_if_unread(self, entropy_weight: float) -> None:
+        """Warn once when a training forward's regularizer was never read before the next forward."""
+        if self.unread and entropy_weight > 0 and not self.warned_unread:
+            self.warned_unread = True
+            warnings.warn(
+                f"InfoSteer: entropy_weight={entropy_weight} but the regularizer of the last training forward was "
+                "never added to the loss, so it has no effect. Train with peft_infosteer.InfoSteerSFTTrainer (or "
+                "InfoSteerTrainerMixin for other trainers), or add peft_infosteer.infosteer_loss(model) to your loss.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def record(
+        self, layer: str, k: torch.Tensor, usage: str, temperature: float, with_grad: bool, store: bool = True
+    ) -> None:
+        """Compute the flux of key vectors ``k`` (shape ``(..., d_ff)``) seen by ``layer`` and store it.
+
+        With ``store=False`` (a layer re-run by non-reentrant checkpointing during backward) the differentiable
+        computation still runs, because the recomputation must save the same tensors as the original forward, but
+        nothing is stored.
+        """
+        store = store and not self._discard
+        if store and self.grad_expected and with_grad and not torch.is_grad_enabled():
             self.lost_grad = True
         with_grad = with_grad and torch.is_grad_enabled()
+        if not (store or with_grad):
+            return
         with torch.set_grad_enabled(with_grad):
             flux, valid = fused_information_flux(k if with_grad else k.detach(), usage, temperature)
-        weight = valid
-        mask = self.token_mask
-        if mask is not None:
-            if mask.shape == valid.shape:
-                weight = valid & mask.to(valid.device)
-            elif mask.numel() == valid.numel():
-                weight = valid & mask.to(valid.device).reshape(valid.shape)
-        weight = weight.to(flux.dtype)
-        self.records.append(FluxRecord(layer, (flux * weight).sum(), weight.sum()))
+            weight = valid
+            mask = self.token_mask
+            if mask is not None:
+                if mask.shape == valid.shape:
+                    weight = valid & mask.to(valid.device)
+                elif mask.numel() == valid.numel():
+                    weight = valid & mask.to(valid.device).reshape(valid.shape)
+            weight = weight.to(flux.dtype)
+            flux_sum = (flux * weight).sum()
+        if store:
+            self.records.append(FluxRecord(layer, flux_sum, weight.sum()))
+            self.unread = self.unread or (with_grad and self.grad_expected)
 
     def totals(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Sum of flux and of counted tokens over all layers of the last forward, or ``None`` if nothing ran."""
@@ -145,6 +200,7 @@ def infosteer_loss(model: Any, num_items: int | torch.Tensor | None = None) -> t
             "forward. This is what reentrant gradient checkpointing does. Use "
             "gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
         )
+    recorder.unread = False
     flux_sum, count = totals
     if num_items is not None:
         layers = len(recorder.records)

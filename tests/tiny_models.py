@@ -57,7 +57,7 @@ def tiny_model(model_type: str = "llama", num_layers: int = 2, seed: int = 0, **
     layer_key = {"gpt2": "n_layer"}.get(model_type, "num_hidden_layers")
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, **{layer_key: num_layers}, **{**ids, **kwargs, **overrides}
+        model_type, **{layer_key: num_layers}, **{"vocab_size": VOCAB, **ids, **kwargs, **overrides}
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -1,0 +1,1 @@
+"""Subcommands of the ``peft-infosteer`` command line (see ``peft_infosteer.cli``)."""

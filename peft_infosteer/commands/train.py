@@ -1,0 +1,134 @@
+"""``peft-infosteer train``: TRL's SFT script with InfoSteer.
+
+Every flag of TRL's ``sft`` script works (``ScriptArguments``, ``SFTConfig``, ``ModelConfig``, dataset mixtures), plus
+the InfoSteer flags of :class:`InfoSteerArguments`. ``--use_peft --lora_r 16`` stacks LoRA inside the InfoSteer
+adapter and ``--load_in_4bit`` loads a 4-bit base, exactly as with TRL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["InfoSteerArguments", "build_infosteer_config", "load_sft_dataset", "make_parser", "run", "train"]
+
+
+@dataclass
+class InfoSteerArguments:
+    """InfoSteer settings for the SFT script (see ``InfoSteerConfig`` for their meaning)."""
+
+    entropy_weight: float = field(default=0.1, metadata={"help": "Weight lambda >= 0 of the flux regularizer."})
+    intervention: str = field(default="gain", metadata={"help": "Forward intervention: 'none', 'gain' or 'flatten'."})
+    flatten_strength: float = field(default=0.1, metadata={"help": "Strength in [0, 1] of 'flatten'."})
+    usage: str = field(default="abs", metadata={"help": "Usage distribution: 'abs' or 'softmax'."})
+    usage_temperature: float = field(default=1.0, metadata={"help": "Temperature of the softmax usage."})
+    infosteer_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "FFN output projections to steer (default: per architecture)."}
+    )
+    infosteer_layers_to_transform: list[int] | None = field(
+        default=None, metadata={"help": "Decoder layer indices to steer (default: all)."}
+    )
+
+
+def build_infosteer_config(model_args: Any, infosteer_args: InfoSteerArguments):
+    """The ``InfoSteerConfig`` for TRL's ``ModelConfig`` (its LoRA flags) and the InfoSteer flags."""
+    from trl import get_peft_config
+
+    from ..config import InfoSteerConfig
+
+    return InfoSteerConfig(
+        entropy_weight=infosteer_args.entropy_weight,
+        intervention=infosteer_args.intervention,
+        flatten_strength=infosteer_args.flatten_strength,
+        usage=infosteer_args.usage,
+        usage_temperature=infosteer_args.usage_temperature,
+        target_modules=infosteer_args.infosteer_target_modules,
+        layers_to_transform=infosteer_args.infosteer_layers_to_transform,
+        lora=get_peft_config(model_args),  # None without --use_peft
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_sft_dataset(name_or_path: str, config_name: str | None = None, streaming: bool = False):
+    """Load ``--dataset_name``: a JSON/JSONL file, a local dataset directory, or a Hub dataset id."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if os.path.isfile(name_or_path):
+        if not name_or_path.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
+            raise ValueError(f"--dataset_name {name_or_path!r}: a file must be JSON or JSONL")
+        return load_dataset("json", data_files=name_or_path, streaming=streaming)
+    if os.path.isdir(name_or_path):
+        if os.path.isfile(os.path.join(name_or_path, "dataset_dict.json")) or os.path.isfile(
+            os.path.join(name_or_path, "dataset_info.json")
+        ):
+            data = load_from_disk(name_or_path)
+            return data if isinstance(data, DatasetDict) else DatasetDict({"train": data})
+        return load_dataset(name_or_path, name=config_name, streaming=streaming)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.endswith((".json", ".jsonl")):
+        raise FileNotFoundError(f"--dataset_name {name_or_path!r} does not exist")
+    return load_dataset(name_or_path, name=config_name, streaming=streaming)
+
+
+def make_parser(prog: str | None = "peft-infosteer train"):
+    """TRL's SFT parser with the InfoSteer arguments added."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, InfoSteerArguments), prog=prog)
+
+
+def train(script_args, training_args, model_args, dataset_args, infosteer_args) -> str:
+    """Run InfoSteer SFT like TRL's ``sft`` script; returns the output directory."""
+    from trl import get_dataset, get_quantization_config
+
+    from ..trainer import InfoSteerSFTTrainer
+
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    if model_args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required")
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        dataset = load_sft_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
+    else:
+        raise ValueError("pass --dataset_name (a JSON/JSONL file, a dataset directory or a Hub id) or --datasets")
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(f"the dataset has no split {script_args.dataset_train_split!r}: {list(dataset)}")
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        if script_args.dataset_test_split not in dataset:
+            raise ValueError(
+                f"--eval_strategy {training_args.eval_strategy} needs a split {script_args.dataset_test_split!r}; "
+                f"the dataset has {list(dataset)} (set --dataset_test_split)"
+            )
+        eval_dataset = dataset[script_args.dataset_test_split]
+
+    trainer = InfoSteerSFTTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=build_infosteer_config(model_args, infosteer_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"InfoSteer adapter saved to {training_args.output_dir}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return training_args.output_dir
+
+
+def run(argv: Sequence[str]) -> int:
+    """Entry point of ``peft-infosteer train``; ``argv`` are the flags after ``train``."""
+    train(*make_parser().parse_args_and_config(args=list(argv)))
+    return 0
