@@ -23,11 +23,11 @@ __all__ = ["FluxRecord", "FluxRecorder", "find_infosteer_model", "infosteer_loss
 
 @dataclass
 class FluxRecord:
-    """The flux of one steered layer in one forward: ``flux_sum`` over ``count`` tokens that counted."""
+    """The flux of one steered layer in one forward: per token, and where it is defined (``valid``)."""
 
     layer: str
-    flux_sum: torch.Tensor
-    count: torch.Tensor
+    flux: torch.Tensor
+    valid: torch.Tensor
 
 
 @dataclass
@@ -109,25 +109,30 @@ class FluxRecorder:
             return
         with torch.set_grad_enabled(with_grad):
             flux, valid = fused_information_flux(k if with_grad else k.detach(), usage, temperature)
-            weight = valid
-            mask = self.token_mask
-            if mask is not None:
-                if mask.shape == valid.shape:
-                    weight = valid & mask.to(valid.device)
-                elif mask.numel() == valid.numel():
-                    weight = valid & mask.to(valid.device).reshape(valid.shape)
-            weight = weight.to(flux.dtype)
-            flux_sum = (flux * weight).sum()
         if store:
-            self.records.append(FluxRecord(layer, flux_sum, weight.sum()))
+            # the token mask is applied when the records are read, outside any checkpointed region: a recomputation
+            # must not depend on state that may have changed by the time backward runs
+            self.records.append(FluxRecord(layer, flux, valid))
             self.unread = self.unread or (with_grad and self.grad_expected)
 
     def totals(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Sum of flux and of counted tokens over all layers of the last forward, or ``None`` if nothing ran."""
+        """Sum of flux and number of counted tokens over all layers of the last forward, or ``None`` if none ran.
+
+        A token counts where the token mask of the forward is set and its usage distribution is defined.
+        """
         if not self.records:
             return None
-        flux_sum = torch.stack([r.flux_sum.to(self.records[0].flux_sum.device) for r in self.records]).sum()
-        count = torch.stack([r.count.to(self.records[0].flux_sum.device) for r in self.records]).sum()
+        device = self.records[0].flux.device
+        flux_sum = torch.zeros((), dtype=torch.float32, device=device)
+        count = torch.zeros((), dtype=torch.float32, device=device)
+        for record in self.records:
+            weight = record.valid
+            mask = self.token_mask
+            if mask is not None and mask.numel() == weight.numel():
+                weight = weight & mask.to(weight.device).reshape(weight.shape)
+            weight = weight.to(torch.float32)
+            flux_sum = flux_sum + (record.flux * weight).sum().to(device)
+            count = count + weight.sum().to(device)
         return flux_sum, count
 
 

