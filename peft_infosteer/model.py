@@ -127,6 +127,8 @@ class InfoSteerModel(BaseTuner):
         # LoRA's own housekeeping activated `adapter_name` on the LoRA layers; re-align everything with ours
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
+        if "_start_hook" not in self.__dict__:
+            self.__dict__["_start_hook"] = model.register_forward_pre_hook(self._start_forward, with_kwargs=True)
 
     def _create_and_replace(
         self,
@@ -164,12 +166,20 @@ class InfoSteerModel(BaseTuner):
 
     # ---- forward ---------------------------------------------------------------------------------------------
 
-    def forward(self, *args: Any, **kwargs: Any):
+    def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        # A forward pre-hook on the wrapped model, not InfoSteerModel.forward: a PeftModel without task_type calls
+        # the wrapped model directly, and so does generate(); every forward must start a fresh record.
         recorder = self.flux_recorder
         if self.active_adapters and not recorder.hold:
             recorder.warn_if_unread(self.active_infosteer_config().entropy_weight)
-        recorder.start(token_mask(kwargs), grad_expected=torch.is_grad_enabled() and self.model.training)
-        return self.model(*args, **kwargs)
+        recorder.start(token_mask(kwargs), grad_expected=torch.is_grad_enabled() and module.training)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        handle = self.__dict__.pop("_start_hook", None)
+        if handle is not None:
+            handle.remove()  # the plain model that is handed back must not call into this tuner
+        return model
 
     def active_infosteer_config(self) -> InfoSteerConfig:
         """The config of the (first) active adapter."""
