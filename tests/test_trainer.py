@@ -9,44 +9,13 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny_models import tiny_model
+from tiny_models import tiny_model, tiny_tokenizer
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 import peft_infosteer
 from peft_infosteer import InfoSteerConfig, InfoSteerSFTTrainer, InfoSteerTrainerMixin
 from peft_infosteer.layer import InfoSteerLayer
-
-
-class _CharTokenizerFactory:
-    """A real fast tokenizer (byte-level BPE trained on the fly) with a chat template; no download."""
-
-    _tok = None
-
-    @classmethod
-    def get(cls):
-        if cls._tok is None:
-            from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-            from transformers import PreTrainedTokenizerFast
-
-            backend = Tokenizer(models.BPE(unk_token="<unk>"))
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            corpus = [f"What is {i} plus {i}? It is {2 * i}. user assistant" for i in range(200)]
-            trainer = trainers.BpeTrainer(
-                vocab_size=120, special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
-            )
-            backend.train_from_iterator(corpus, trainer)
-            tok = PreTrainedTokenizerFast(
-                tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>"
-            )
-            tok.chat_template = (
-                "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-                "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
-                "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-            )
-            cls._tok = tok
-        return cls._tok
 
 
 def _dataset(n: int = 16) -> Dataset:
@@ -91,7 +60,7 @@ def _sft_args(tmp_path, **kwargs) -> SFTConfig:
 
 
 def _model():
-    return tiny_model("llama", vocab_size=len(_CharTokenizerFactory.get()))
+    return tiny_model("llama", vocab_size=len(tiny_tokenizer()))
 
 
 def _gains(model) -> dict[str, torch.Tensor]:
@@ -103,7 +72,7 @@ def _adapter_params(model) -> dict[str, torch.Tensor]:
 
 
 def test_sft_trainer_logs_flux_and_loss_in_train_and_eval(tmp_path):
-    tok = _CharTokenizerFactory.get()
+    tok = tiny_tokenizer()
     trainer = InfoSteerSFTTrainer(
         model=_model(),
         args=_sft_args(tmp_path, eval_strategy="steps", eval_steps=2),
@@ -127,7 +96,7 @@ def test_sft_trainer_logs_flux_and_loss_in_train_and_eval(tmp_path):
 
 
 def test_regularizer_changes_the_update_and_raises_flux(tmp_path):
-    tok = _CharTokenizerFactory.get()
+    tok = tiny_tokenizer()
     results = {}
     for weight in (0.0, 5.0):
         trainer = InfoSteerSFTTrainer(
@@ -164,7 +133,7 @@ def _one_step_update(tmp_path, batch, accum, weight=0.5):
             max_grad_norm=0.0,
         ),
         train_dataset=_dataset(4),
-        processing_class=_CharTokenizerFactory.get(),
+        processing_class=tiny_tokenizer(),
     )
     trainer.train()
     after = _adapter_params(trainer.model)
@@ -190,7 +159,7 @@ def test_ready_peft_model_and_gradient_checkpointing(tmp_path, gradient_checkpoi
         model=model,
         args=_sft_args(tmp_path, gradient_checkpointing=gradient_checkpointing),
         train_dataset=_dataset(),
-        processing_class=_CharTokenizerFactory.get(),
+        processing_class=tiny_tokenizer(),
     )
     trainer.train()
     after = _gains(trainer.model)
@@ -207,7 +176,7 @@ def test_gradient_checkpointing_matches_no_checkpointing(tmp_path):
             model=model,
             args=_sft_args(tmp_path / str(gc), max_steps=1, gradient_checkpointing=gc, optim="sgd", learning_rate=1.0),
             train_dataset=_dataset(4),
-            processing_class=_CharTokenizerFactory.get(),
+            processing_class=tiny_tokenizer(),
         )
         trainer.train()
         updates[gc] = {k: v - before[k] for k, v in _gains(trainer.model).items()}
@@ -222,7 +191,7 @@ def test_reentrant_checkpointing_is_refused_before_training(tmp_path):
             model=_model(),
             args=args,
             train_dataset=_dataset(),
-            processing_class=_CharTokenizerFactory.get(),
+            processing_class=tiny_tokenizer(),
             peft_config=_config(),
         )
 
@@ -241,7 +210,7 @@ def test_4bit_base_trains_and_gains_stay_float32(tmp_path):
         model=model,
         args=_sft_args(tmp_path),
         train_dataset=_dataset(),
-        processing_class=_CharTokenizerFactory.get(),
+        processing_class=tiny_tokenizer(),
         peft_config=_config(),
     )
     gains = [p for n, p in trainer.model.named_parameters() if "infosteer_gain" in n]
@@ -259,7 +228,7 @@ def test_plain_sft_trainer_warns_that_the_regularizer_is_dropped(tmp_path):
         model=_model(),
         args=_sft_args(tmp_path),
         train_dataset=_dataset(),
-        processing_class=_CharTokenizerFactory.get(),
+        processing_class=tiny_tokenizer(),
         peft_config=_config(),
     )
     with pytest.warns(UserWarning, match="InfoSteerSFTTrainer"):
@@ -271,7 +240,7 @@ def test_dft_loss_keeps_the_regularizer(tmp_path):
         model=_model(),
         args=_sft_args(tmp_path, loss_type="dft"),
         train_dataset=_dataset(),
-        processing_class=_CharTokenizerFactory.get(),
+        processing_class=tiny_tokenizer(),
         peft_config=_config(),
     )
     with warnings.catch_warnings():
@@ -286,7 +255,7 @@ def test_evaluate_and_predict_do_not_leak(tmp_path):
         args=_sft_args(tmp_path),
         train_dataset=_dataset(),
         eval_dataset=_dataset(8),
-        processing_class=_CharTokenizerFactory.get(),
+        processing_class=tiny_tokenizer(),
         peft_config=_config(),
     )
     first = trainer.evaluate()
@@ -308,7 +277,7 @@ class _StopAt(TrainerCallback):
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
-    tok = _CharTokenizerFactory.get()
+    tok = tiny_tokenizer()
 
     def make(out, callbacks=()):
         torch.manual_seed(0)
@@ -341,7 +310,7 @@ def test_mixin_with_plain_transformers_trainer(tmp_path):
     class InfoSteerTrainer(InfoSteerTrainerMixin, Trainer):
         pass
 
-    tok = _CharTokenizerFactory.get()
+    tok = tiny_tokenizer()
     model = get_peft_model(_model(), _config())
     texts = [f"What is {i} plus {i}? It is {2 * i}." for i in range(8)]
     enc = tok(texts, padding="max_length", max_length=24, truncation=True)
@@ -375,7 +344,7 @@ def test_mixin_with_dpo_trainer(tmp_path):
     class InfoSteerDPOTrainer(InfoSteerTrainerMixin, DPOTrainer):
         pass
 
-    tok = _CharTokenizerFactory.get()
+    tok = tiny_tokenizer()
     rows = [
         {
             "prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
@@ -415,7 +384,7 @@ def test_mixin_passes_through_models_without_infosteer(tmp_path):
         model=_model(),
         args=_sft_args(tmp_path),
         train_dataset=_dataset(),
-        processing_class=_CharTokenizerFactory.get(),
+        processing_class=tiny_tokenizer(),
         peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
     trainer.train()

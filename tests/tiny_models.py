@@ -68,3 +68,41 @@ def expected_targets(model: PreTrainedModel) -> list[str]:
     """Names of the modules InfoSteer should wrap by default."""
     suffix = TINY_CONFIGS[model.config.model_type][1]
     return [n for n, _ in model.named_modules() if n.endswith("." + suffix)]
+
+
+_TOKENIZER = None
+
+
+def tiny_tokenizer():
+    """A real fast BPE tokenizer (trained on the fly, 120 tokens) with a ChatML template; no download."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Tokenizer(models.BPE(unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        corpus = [f"What is {i} plus {i}? It is {2 * i}. user assistant" for i in range(200)]
+        trainer = trainers.BpeTrainer(
+            vocab_size=120, special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+        )
+        backend.train_from_iterator(corpus, trainer)
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>"
+        )
+        tok.chat_template = (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+            "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+            "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+        _TOKENIZER = tok
+    return _TOKENIZER
+
+
+def save_tiny_model_with_tokenizer(path, model_type: str = "llama", **overrides):
+    """Save a tiny random model and :func:`tiny_tokenizer` to ``path`` (a model directory the CLI can load)."""
+    tok = tiny_tokenizer()
+    tiny_model(model_type, vocab_size=len(tok), **overrides).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -93,6 +93,7 @@ def train(script_args, training_args, model_args, dataset_args, infosteer_args) 
     }
     if model_args.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required")
+    peft_config = build_infosteer_config(model_args, infosteer_args)  # validate the flags before loading anything
     if dataset_args.datasets:
         dataset = get_dataset(dataset_args)
     elif script_args.dataset_name:
@@ -116,7 +117,7 @@ def train(script_args, training_args, model_args, dataset_args, infosteer_args) 
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=eval_dataset,
         quantization_config=get_quantization_config(model_args),
-        peft_config=build_infosteer_config(model_args, infosteer_args),
+        peft_config=peft_config,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
