@@ -390,3 +390,33 @@ def test_mixin_passes_through_models_without_infosteer(tmp_path):
     trainer.train()
     assert not any(isinstance(m, InfoSteerLayer) for m in trainer.model.modules())
     assert not any("infosteer/flux" in h for h in trainer.state.log_history)
+
+
+def test_custom_compute_loss_func_keeps_the_regularizer(tmp_path):
+    """TRL runs the model twice on this path (loss forward without labels, then a metrics forward)."""
+    calls = []
+
+    def nll(outputs, labels, num_items_in_batch=None):
+        calls.append(num_items_in_batch)
+        logits = outputs.logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum")
+        return loss / (num_items_in_batch if num_items_in_batch is not None else (target != -100).sum())
+
+    model = get_peft_model(_model(), _config(entropy_weight=2.0))
+    before = _gains(model)
+    with pytest.warns(FutureWarning, match="compute_loss_func"):
+        trainer = InfoSteerSFTTrainer(
+            model=model,
+            args=_sft_args(tmp_path),
+            train_dataset=_dataset(),
+            processing_class=tiny_tokenizer(),
+            compute_loss_func=nll,
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the regularizer is consumed, not dropped
+        trainer.train()
+    assert calls
+    logs = [h for h in trainer.state.log_history if "infosteer/flux" in h]
+    assert logs and all(0 < h["infosteer/flux"] <= 1 for h in logs)
+    assert any(not torch.equal(before[k], v) for k, v in _gains(trainer.model).items())
