@@ -1,0 +1,195 @@
+"""Memory readout: which FFN memories a token uses in a layer, and what they write into the vocabulary space.
+
+The FFN output at one position is ``sum_i k_i v_i`` (DESIGN.md section 2): ``k`` are the key coefficients, ``v_i`` is
+column ``i`` of the output projection weight (row ``i`` for GPT-2's ``Conv1D``, which stores ``(in, out)``). A memory's
+contribution has norm ``|k_i| * ||v_i||``; the readout ranks memories by it and projects each signed memory
+``sign(k_i) * v_i`` (the direction it actually adds) through the unembedding matrix to its top tokens, as in Geva et al.
+(2021, 2022), "Transformer Feed-Forward Layers Are Key-Value Memories" / "... Build Predictions by Promoting Concepts".
+By default the projection uses the unembedding alone; ``use_final_norm=True`` applies the model's final norm first
+(a logit-lens variant; the norm's rescaling does not change the ranking, its learned gain does).
+
+With a LoRA stacked on the projection (a LoRA or InfoSteer+LoRA ``PeftModel``) the memories are the columns of the
+effective weight ``W + scale * B A`` of the active adapters; an InfoSteer gain acts on ``k`` and is already in the
+keys read by the hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .hooks import _inner_model, find_key_modules, model_unchanged, read_keys
+from .inputs import Example, encode_examples
+from .measure import _input_device
+from .tokens import token_strings
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["Memory", "MemoryReadout", "memory_readout", "memory_vectors"]
+
+
+@dataclass
+class Memory:
+    """One FFN memory as used at one position: its index, key coefficient, value norm and top vocabulary tokens."""
+
+    index: int
+    coefficient: float
+    value_norm: float
+    score: float
+    share: float
+    top_tokens: list[str]
+    top_token_ids: list[int]
+    top_logits: list[float]
+
+
+@dataclass
+class MemoryReadout:
+    """The top memories of one token in one layer (see :func:`memory_readout`)."""
+
+    layer: int
+    layer_name: str
+    position: int
+    token: str
+    memories: list[Memory] = field(default_factory=list)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per memory, best first."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [
+                dict(rank=r, index=m.index, coefficient=m.coefficient, value_norm=m.value_norm, score=m.score,
+                     share=m.share, top_tokens=" | ".join(m.top_tokens))
+                for r, m in enumerate(self.memories)
+            ]
+        )  # fmt: skip
+
+
+def _dequantized(layer: nn.Module) -> torch.Tensor:
+    weight = layer.weight
+    if weight.dtype.is_floating_point:
+        return weight.detach()
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes 4-bit
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, quant_state).detach()
+    raise ValueError(
+        f"the memory readout needs a float or bitsandbytes 4-bit weight, got {type(layer).__name__} with dtype "
+        f"{weight.dtype}; load the model in float precision (e.g. dtype=torch.bfloat16) for the readout"
+    )
+
+
+def memory_vectors(module: nn.Module) -> torch.Tensor:
+    """The memory vectors of an FFN output projection as a ``(d_ff, d_model)`` float32 tensor (row ``i`` = ``v_i``).
+
+    ``module`` is the projection as it sits in the model (a plain layer, or a PEFT tuner layer around one); active,
+    unmerged LoRA adapters on it are added to the weight.
+
+    >>> memory_vectors(nn.Linear(4, 3, bias=False)).shape
+    torch.Size([4, 3])
+    """
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    weight = _dequantized(base).float().clone()
+    layer: Any = module
+    while isinstance(layer, BaseTunerLayer):
+        if hasattr(layer, "lora_A") and not layer.merged and not layer.disable_adapters:
+            for name in layer.active_adapters:
+                if name in layer.lora_A:
+                    # PEFT returns the delta in the base weight's own layout (fan_in_fan_out for Conv1D)
+                    weight += layer.get_delta_weight(name).detach().float().to(weight.device)
+        layer = layer.base_layer
+    # nn.Linear stores (out, in) = (d_model, d_ff); Conv1D stores (in, out) = (d_ff, d_model)
+    return weight if isinstance(base, Conv1D) else weight.t().contiguous()
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    inner = _inner_model(model)
+    for path in ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_neox.final_layer_norm",
+                 "model.decoder.final_layer_norm", "model.language_model.norm"):  # fmt: skip
+        module: Any = inner
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"cannot find the final norm of {type(inner).__name__}; use use_final_norm=False")
+
+
+def memory_readout(
+    model: nn.Module,
+    tokenizer: Any,
+    example: Example,
+    *,
+    layer: int,
+    position: int = -1,
+    top_k: int = 10,
+    top_tokens: int = 5,
+    use_final_norm: bool = False,
+    target_modules: str | Sequence[str] | None = None,
+) -> MemoryReadout:
+    """The ``top_k`` memories of token ``position`` (negative counts from the end) in FFN layer ``layer``.
+
+    Memories are ranked by ``|k_i| * ||v_i||``; ``share`` is that score over the sum of all memories' scores. Each
+    memory's signed vector ``sign(k_i) v_i`` is projected through the unembedding (the LM head weight) and its
+    ``top_tokens`` highest-scoring vocabulary tokens are listed. The model is run once under ``torch.no_grad``.
+
+    >>> # readout = memory_readout(model, tokenizer, "The capital of France is Paris", layer=20, position=-1)
+    >>> # readout.to_dataframe()[["index", "score", "top_tokens"]]
+    """
+    modules = find_key_modules(model, target_modules)
+    if not -len(modules) <= layer < len(modules):
+        raise ValueError(f"layer must be in [0, {len(modules)}), got {layer}")
+    layer = layer % len(modules)
+    encoded = encode_examples(tokenizer, [example])[0]
+    n = len(encoded.token_ids)
+    if not -n <= position < n:
+        raise ValueError(f"position must be in [-{n}, {n}) for this text of {n} tokens, got {position}")
+    position = position % n
+    name, hooked = modules[layer]
+    outer = dict(_inner_model(model).named_modules())[name]
+    captured: list[torch.Tensor] = []
+    with model_unchanged(model):
+        input_ids = torch.tensor([encoded.token_ids], device=_input_device(model))
+        with read_keys([(name, hooked)], lambda _i, k: captured.append(k.reshape(-1, k.shape[-1])[position])):
+            model(input_ids=input_ids, use_cache=False)
+        if not captured:
+            raise RuntimeError(f"layer {name} did not run")
+        k = captured[-1].float()
+        vectors = memory_vectors(outer).to(k.device)
+        if vectors.shape[0] != k.shape[0]:
+            raise RuntimeError(f"{name}: {k.shape[0]} key coefficients but {vectors.shape[0]} memory vectors")
+        norms = vectors.norm(dim=-1)
+        scores = k.abs() * norms
+        total = scores.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        top = torch.topk(scores, min(top_k, scores.numel()))
+        signed = vectors[top.indices] * torch.sign(k[top.indices]).unsqueeze(-1)
+        if use_final_norm:
+            norm = _final_norm(model)
+            signed = norm(signed.to(next(norm.parameters()).dtype)).float()
+        unembedding = model.get_output_embeddings().weight.detach()
+        logits = signed.to(unembedding.device, unembedding.dtype) @ unembedding.t()
+        best = torch.topk(logits.float(), min(top_tokens, logits.shape[-1]), dim=-1)
+    memories = [
+        Memory(
+            index=int(i),
+            coefficient=float(k[i]),
+            value_norm=float(norms[i]),
+            score=float(scores[i]),
+            share=float(scores[i] / total),
+            top_tokens=token_strings(tokenizer, best.indices[row].tolist()),
+            top_token_ids=[int(i) for i in best.indices[row]],
+            top_logits=[float(v) for v in best.values[row]],
+        )
+        for row, i in enumerate(top.indices.tolist())
+    ]
+    token = token_strings(tokenizer, [encoded.token_ids[position]])[0]
+    return MemoryReadout(layer=layer, layer_name=name, position=position, token=token, memories=memories)
