@@ -35,6 +35,14 @@ def check_gradient_checkpointing(args: Any, tuner: InfoSteerModel) -> None:
     if not any(config.entropy_weight > 0 for config in tuner.peft_config.values()):
         return
     kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
+    if kwargs.get("use_reentrant", False) and getattr(getattr(args, "deepspeed_plugin", None), "zero_stage", 0) == 3:
+        # TRL forces use_reentrant=True for PEFT + ZeRO-3, so the generic advice below would not help
+        raise ValueError(
+            "InfoSteer's regularizer (entropy_weight > 0) cannot train with DeepSpeed ZeRO-3 and gradient "
+            "checkpointing: TRL forces reentrant checkpointing for PEFT models under ZeRO-3, and reentrant "
+            "checkpointing gives the regularizer no gradient. Use DeepSpeed ZeRO-2 or FSDP, or set "
+            "gradient_checkpointing=False."
+        )
     if kwargs.get("use_reentrant", False):
         raise ValueError(
             "InfoSteer's regularizer (entropy_weight > 0) gets no gradient under reentrant gradient checkpointing. "
