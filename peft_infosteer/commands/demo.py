@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     training_args = SFTConfig(
         output_dir=str(output_dir),
         max_steps=args.max_steps,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=4,
         per_device_eval_batch_size=16,
         bf16=False,  # TRL turns on bf16 autocast by default, even on CPU; the demo stays in exact float32
         learning_rate=5e-4,
