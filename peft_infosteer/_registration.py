@@ -50,10 +50,12 @@ def register() -> None:
     if INFOSTEER in PEFT_TYPE_TO_CONFIG_MAPPING or INFOSTEER in PEFT_TYPE_TO_TUNER_MAPPING:
         # Another implementation (a future PEFT, or an older copy of this plugin) owns the name: ours wins, so that
         # adapters saved by this package load with this package's classes.
-        from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+        from peft.mapping import PEFT_TYPE_TO_MIXED_MODEL_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
 
         PEFT_TYPE_TO_CONFIG_MAPPING[INFOSTEER] = InfoSteerConfig
         PEFT_TYPE_TO_TUNER_MAPPING[INFOSTEER] = InfoSteerModel
         PEFT_TYPE_TO_PREFIX_MAPPING[INFOSTEER] = InfoSteerModel.prefix
+        # ours is not mixed-compatible: never leave the other implementation's class there for our configs
+        PEFT_TYPE_TO_MIXED_MODEL_MAPPING.pop(INFOSTEER, None)
         return
     register_peft_method(name=_NAME.lower(), config_cls=InfoSteerConfig, model_cls=InfoSteerModel, prefix="infosteer_")

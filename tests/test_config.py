@@ -1,0 +1,147 @@
+"""``InfoSteerConfig``: validation in code and on disk, JSON round trip, safetensors only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+
+from peft_infosteer import InfoSteerConfig
+from peft_infosteer._registration import INFOSTEER
+
+BAD_VALUES = [
+    ("intervention", "scale"),
+    ("intervention", None),
+    ("usage", "entropy"),
+    ("usage", 1),
+    ("entropy_weight", -0.1),
+    ("entropy_weight", "0.1"),
+    ("entropy_weight", float("nan")),
+    ("entropy_weight", float("inf")),
+    ("entropy_weight", True),
+    ("entropy_weight", None),
+    ("flatten_strength", -0.01),
+    ("flatten_strength", 1.5),
+    ("flatten_strength", "0.5"),
+    ("usage_temperature", 0.0),
+    ("usage_temperature", -1.0),
+    ("usage_temperature", "1"),
+    ("lora", 5),
+    ("lora", "r=8"),
+]
+
+
+def test_defaults():
+    config = InfoSteerConfig()
+    assert config.peft_type is INFOSTEER
+    assert (config.entropy_weight, config.usage, config.usage_temperature) == (0.1, "abs", 1.0)
+    assert (config.intervention, config.flatten_strength, config.lora) == ("none", 0.1, None)
+    assert config.target_modules is None
+    # fields PEFT and TRL read by attribute
+    for name in ("modules_to_save", "trainable_token_indices", "target_parameters", "layers_to_transform"):
+        assert hasattr(config, name)
+
+
+@pytest.mark.parametrize(("field_name", "value"), BAD_VALUES)
+def test_bad_value_raises_naming_the_field(field_name, value):
+    with pytest.raises(ValueError, match=field_name):
+        InfoSteerConfig(**{field_name: value})
+
+
+def test_error_lists_allowed_values():
+    with pytest.raises(ValueError, match=r"'none', 'gain', 'flatten'"):
+        InfoSteerConfig(intervention="scale")
+    with pytest.raises(ValueError, match=r"'abs', 'softmax'"):
+        InfoSteerConfig(usage="entropy")
+
+
+def test_lora_must_describe_lora():
+    with pytest.raises(ValueError, match="lora"):
+        InfoSteerConfig(lora={"peft_type": "IA3", "target_modules": ["q_proj"]})
+    with pytest.raises(ValueError, match=r"lora.*bogus_key"):
+        InfoSteerConfig(lora={"r": 4, "bogus_key": 1})
+
+
+def test_edge_values_are_accepted():
+    InfoSteerConfig(entropy_weight=0, flatten_strength=0)
+    InfoSteerConfig(entropy_weight=2, flatten_strength=1, usage="softmax", usage_temperature=1e-3)
+
+
+def test_lora_round_trips_through_dict_and_json(tmp_path):
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], use_rslora=True)
+    config = InfoSteerConfig(intervention="gain", entropy_weight=0.3, lora=lora, task_type="CAUSAL_LM")
+    data = config.to_dict()
+    assert data["peft_type"] == "INFOSTEER"
+    assert isinstance(data["lora"], dict)
+    assert data["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    text = json.dumps(data)  # JSON-ready
+    assert config.lora is lora  # to_dict leaves the config intact
+
+    config.save_pretrained(tmp_path)
+    on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert on_disk["lora"]["r"] == 4 and on_disk["lora"]["use_rslora"] is True
+    assert on_disk["infosteer_version"]
+    for loaded in (InfoSteerConfig.from_pretrained(tmp_path), PeftConfig.from_pretrained(tmp_path)):
+        assert isinstance(loaded, InfoSteerConfig)
+        assert isinstance(loaded.lora, LoraConfig)
+        assert loaded.lora.r == 4 and loaded.lora.lora_alpha == 8 and loaded.lora.lora_dropout == 0.05
+        assert loaded.lora.use_rslora is True
+        assert set(loaded.lora.target_modules) == {"q_proj", "v_proj"}
+        assert loaded.entropy_weight == 0.3 and loaded.intervention == "gain"
+        assert json.dumps(loaded.to_dict()) == text
+
+
+def _saved_adapter(tmp_path, tiny, **config_kwargs):
+    model = get_peft_model(tiny("llama"), InfoSteerConfig(intervention="gain", **config_kwargs))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("field_name", "value"),
+    [("entropy_weight", -1), ("intervention", "boost"), ("usage", "l2"), ("flatten_strength", 2.0), ("lora", 3)],
+)
+def test_bad_value_on_disk_raises_on_load(tmp_path, tiny, field_name, value):
+    path = _saved_adapter(tmp_path, tiny)
+    data = json.loads((path / "adapter_config.json").read_text())
+    data[field_name] = value
+    (path / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=field_name):
+        PeftConfig.from_pretrained(path)
+    with pytest.raises(ValueError, match=field_name):
+        PeftModel.from_pretrained(tiny("llama"), path)
+
+
+def test_unknown_or_truncated_config_on_disk_raises(tmp_path, tiny):
+    path = _saved_adapter(tmp_path, tiny)
+    data = json.loads((path / "adapter_config.json").read_text())
+    data["entropy_wieght"] = 0.5  # a typo must not silently fall back to the default
+    (path / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="entropy_wieght"):
+        PeftModel.from_pretrained(tiny("llama"), path)
+    (path / "adapter_config.json").write_text(json.dumps(data)[:40])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        InfoSteerConfig.from_pretrained(path)
+
+
+def test_only_safetensors_are_read(tmp_path, tiny):
+    path = _saved_adapter(tmp_path, tiny)
+    weights = path / "adapter_model.safetensors"
+    # a pickle that would run code if anything unpickled it
+    torch.save({"weights": torch.ones(1)}, path / "adapter_model.bin")
+    weights.unlink()
+    for load in (
+        lambda: PeftModel.from_pretrained(tiny("llama"), path),
+        lambda: InfoSteerConfig.from_pretrained(path),
+        lambda: get_peft_model(tiny("llama"), InfoSteerConfig(intervention="gain")).load_adapter(path, "other"),
+    ):
+        with pytest.raises(ValueError, match=r"adapter_model\.bin.*safetensors"):
+            load()
+
+
+def test_default_targets_are_filled_per_architecture(tiny):
+    config = InfoSteerConfig(intervention="gain")
+    get_peft_model(tiny("gpt2"), config)
+    assert set(config.target_modules) == {"mlp.c_proj"}
