@@ -15,6 +15,7 @@ from . import _bnb_notice  # noqa: F401  (before peft imports bitsandbytes)
 from ._registration import INFOSTEER, register
 from .architectures import FFN_OUTPUT_PROJECTIONS, default_target_modules
 from .config import InfoSteerConfig
+from .hub import install_model_card_hooks
 from .layer import InfoSteerLayer
 from .model import InfoSteerModel
 from .ops import fused_information_flux, information_flux, usage_distribution
@@ -23,6 +24,7 @@ from .trainer import InfoSteerTrainerMixin
 from .version import __version__
 
 register()
+install_model_card_hooks()  # README of InfoSteer adapters: how to load them (peft_infosteer.hub)
 
 
 def __getattr__(name: str):
