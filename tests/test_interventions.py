@@ -280,3 +280,27 @@ def test_reentrant_checkpointing_raises(tiny):
 def test_public_names():
     for name in ("InfoSteerConfig", "infosteer_loss", "last_flux", "fused_information_flux"):
         assert name in peft_infosteer.__all__
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_identity_and_float32_regularizer(tiny, dtype):
+    base = tiny("llama").to(dtype)
+    with torch.no_grad():
+        reference = base(input_ids=IDS).logits
+    config = InfoSteerConfig(
+        intervention="gain", entropy_weight=0.3, lora=LoraConfig(r=2, target_modules=["down_proj"])
+    )
+    model = get_peft_model(tiny("llama").to(dtype), config)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, reference)
+    fp32 = get_peft_model(tiny("llama"), InfoSteerConfig(intervention="gain", entropy_weight=0.3))
+    with torch.no_grad():
+        fp32(input_ids=IDS)
+    model.train()
+    out = model(input_ids=IDS, labels=IDS)
+    aux = infosteer_loss(model)
+    assert aux.dtype == torch.float32
+    assert last_flux(model) == pytest.approx(last_flux(fp32), abs=5e-3)
+    (out.loss + aux).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
