@@ -8,12 +8,14 @@ accumulation and multi-process training do not change the effective weight), and
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .hub import update_model_card
 from .layer import InfoSteerLayer
 from .model import InfoSteerModel, token_mask
 from .regularizer import FluxRecorder, find_infosteer_model
@@ -146,6 +148,16 @@ class InfoSteerTrainerMixin:
     def _infosteer_tp_size(self) -> int:
         get_tp_size = getattr(self, "get_tp_size", None)
         return int(get_tp_size()) if callable(get_tp_size) else 1
+
+    # ---- model card ------------------------------------------------------------------------------------------
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The trainer's card (written by ``save_model``/``push_to_hub``), plus how to load an InfoSteer adapter."""
+        super().create_model_card(*args, **kwargs)
+        tuner = _find_tuner(self.model)
+        readme = os.path.join(self.args.output_dir, "README.md")
+        if tuner is not None and self.is_world_process_zero() and os.path.isfile(readme):
+            update_model_card(readme, self.accelerator.unwrap_model(self.model), self.hub_model_id)
 
     # ---- logging ---------------------------------------------------------------------------------------------
 

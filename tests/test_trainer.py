@@ -420,3 +420,18 @@ def test_custom_compute_loss_func_keeps_the_regularizer(tmp_path):
     logs = [h for h in trainer.state.log_history if "infosteer/flux" in h]
     assert logs and all(0 < h["infosteer/flux"] <= 1 for h in logs)
     assert any(not torch.equal(before[k], v) for k, v in _gains(trainer.model).items())
+
+
+def test_trainer_model_card_keeps_the_loading_note(tmp_path):
+    trainer = InfoSteerSFTTrainer(
+        model=_model(),
+        args=_sft_args(tmp_path, max_steps=1),
+        train_dataset=_dataset(),
+        processing_class=tiny_tokenizer(),
+        peft_config=_config(),
+    )
+    trainer.train()
+    trainer.create_model_card(model_name="tiny-infosteer")  # what trainer.push_to_hub writes before uploading
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "pip install peft-infosteer" in card and "import peft_infosteer" in card
+    assert "infosteer" in card and "trl" in card  # both TRL's and InfoSteer's tags
