@@ -1,0 +1,301 @@
+"""Property-based tests (hypothesis) of the InfoSteer math in ``peft_infosteer.ops`` (DESIGN.md section 2).
+
+Each property runs on generated key vectors, including zeros, denormals, huge values and low-precision dtypes; the
+last tests push degenerate batches (empty, all padding, length 1, no loss token) through a real model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from peft import LoraConfig, get_peft_model
+
+import peft_infosteer
+from peft_infosteer import InfoSteerConfig
+from peft_infosteer.ops import flatten_keys, fused_information_flux, gain_keys, information_flux, usage_distribution
+
+# PEFT_INFOSTEER_PROPERTY_EXAMPLES=1000 for a deeper search than the quick default
+FAST = settings(
+    max_examples=int(os.environ.get("PEFT_INFOSTEER_PROPERTY_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+USAGES = st.sampled_from([("abs", 1.0), ("softmax", 1.0), ("softmax", 0.3), ("softmax", 7.0)])
+TINY = float(np.finfo(np.float32).tiny)
+
+
+def f32(x: float) -> float:
+    """The float32 value nearest to ``x`` (hypothesis wants bounds that float32 represents exactly)."""
+    return float(np.float32(x))
+
+
+def floats32(lo: float, hi: float, subnormal: bool | None = None):
+    return st.floats(
+        min_value=f32(lo), max_value=f32(hi), width=32, allow_nan=False, allow_infinity=False, allow_subnormal=subnormal
+    )
+
+
+# float32 values over a wide range: zeros, denormals, ordinary numbers and huge ones. The bound 1e37 keeps k / tau
+# finite for the temperatures below (an activation near the float32 maximum has overflowed the model already).
+WIDE = st.one_of(
+    st.just(0.0),
+    floats32(-1e-38, 1e-38),  # denormals and signed zeros
+    floats32(-1e37, 1e37),
+    st.sampled_from([f32(v) for v in (1e30, -1e30, 1e37, -1e37, 1e-45, -1e-45)]),
+)
+# ordinary magnitudes (zeros, or 1e-6 <= |k| <= 100), where float32 autograd through the plain reference is itself
+# accurate: every nonzero p_i stays far above the smallest normal float32
+MODERATE = st.one_of(st.just(0.0), floats32(1e-6, 100.0), floats32(-100.0, -1e-6))
+
+
+def keys(elements=WIDE, min_rows: int = 0, max_rows: int = 4, min_d: int = 2, max_d: int = 24):
+    """Strategy for a float32 tensor of shape (rows, d_ff)."""
+    shapes = st.tuples(st.integers(min_rows, max_rows), st.integers(min_d, max_d))
+    return shapes.flatmap(lambda shape: arrays(np.float32, shape, elements=elements)).map(torch.from_numpy)
+
+
+def _flux(k: torch.Tensor, usage: str, temperature: float) -> torch.Tensor:
+    return fused_information_flux(k, usage, temperature)[0]
+
+
+# ---- range and invariances -------------------------------------------------------------------------------------
+
+
+@FAST
+@given(k=keys(), mode=USAGES)
+def test_flux_is_finite_and_in_unit_interval(k, mode):
+    flux, valid = fused_information_flux(k, *mode)
+    assert flux.shape == k.shape[:-1] and flux.dtype == torch.float32
+    assert torch.isfinite(flux).all()
+    assert ((flux >= 0) & (flux <= 1 + 1e-6)).all()
+    # a row is undefined exactly when it has no mass (abs mode); undefined rows give 0
+    if mode[0] == "abs":
+        assert torch.equal(valid, (k != 0).any(-1))
+        assert (flux[~valid] == 0).all()
+    else:
+        assert valid.all()
+
+
+@FAST
+@given(k=keys(), mode=USAGES)
+def test_fused_flux_equals_the_plain_reference(k, mode):
+    torch.testing.assert_close(_flux(k, *mode), information_flux(k, *mode), rtol=1e-4, atol=1e-5)
+
+
+@FAST
+@given(k=keys(min_rows=1), mode=USAGES, data=st.data())
+def test_flux_is_invariant_under_permutation_of_memories(k, mode, data):
+    perm = torch.tensor(data.draw(st.permutations(range(k.shape[-1]))))
+    torch.testing.assert_close(_flux(k[:, perm], *mode), _flux(k, *mode), rtol=1e-5, atol=1e-5)
+
+
+@FAST
+@given(
+    k=keys(elements=st.one_of(st.just(0.0), floats32(1e-6, 1e6), floats32(-1e6, -1e-6)), min_rows=1),
+    exponent=st.integers(-40, 40),
+)
+def test_abs_flux_is_invariant_under_positive_scaling(k, exponent):
+    scale = 2.0**exponent  # a power of two scales every value exactly (no underflow or overflow in this range)
+    torch.testing.assert_close(_flux(k * scale, "abs", 1.0), _flux(k, "abs", 1.0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        usage_distribution(k * scale), usage_distribution(k), rtol=1e-5, atol=1e-6
+    )  # the whole distribution, not only its entropy
+
+
+@FAST
+@given(k=keys(), mode=USAGES)
+def test_usage_distribution_is_a_distribution(k, mode):
+    p = usage_distribution(k, *mode)
+    assert p.dtype == torch.float32 and torch.isfinite(p).all() and (p >= 0).all()
+    sums = p.sum(-1)
+    defined = (k != 0).any(-1) if mode[0] == "abs" else torch.ones_like(sums, dtype=torch.bool)
+    torch.testing.assert_close(sums[defined], torch.ones_like(sums[defined]), rtol=0, atol=1e-5)
+    assert (sums[~defined] == 0).all()
+
+
+# ---- gradients ---------------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(k=keys(elements=MODERATE, min_rows=1), mode=USAGES, data=st.data())
+def test_fused_gradient_equals_plain_autograd(k, mode, data):
+    weights = torch.tensor(data.draw(st.lists(st.floats(-2, 2), min_size=k.shape[0], max_size=k.shape[0])))
+    k_fused = k.clone().requires_grad_(True)
+    k_plain = k.clone().requires_grad_(True)
+    (_flux(k_fused, *mode) * weights).sum().backward()
+    (information_flux(k_plain, *mode) * weights).sum().backward()
+    # compare relative to the gradient's natural size |w| / (S log d) (abs) or |w| / (tau log d) (softmax): near a
+    # stationary point (uniform usage) the true gradient is 0 and both sides are rounding noise of that size
+    norm = k.abs().sum(-1) if mode[0] == "abs" else torch.full((k.shape[0],), mode[1])
+    natural = (weights.abs() / (norm * math.log(k.shape[-1])))[norm > 0]
+    scale = torch.cat([k_plain.grad.abs().flatten(), natural, torch.tensor([1e-6])]).max()
+    torch.testing.assert_close(k_fused.grad / scale, k_plain.grad / scale, rtol=0, atol=2e-4)
+    if mode[0] == "abs":
+        assert (k_fused.grad[k == 0] == 0).all()  # dF/dk_i = 0 where k_i = 0
+
+
+@FAST
+@given(k=keys(), mode=USAGES)
+def test_fused_gradient_is_finite_for_extreme_inputs(k, mode):
+    k = k.clone().requires_grad_(True)
+    _flux(k, *mode).sum().backward()
+    assert torch.isfinite(k.grad).all()
+
+
+@FAST
+@given(
+    k=keys(elements=floats32(-6e4, 6e4), min_rows=0),
+    mode=USAGES,
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+)
+def test_low_precision_inputs_give_finite_flux_and_gradients(k, mode, dtype):
+    k = k.to(dtype).requires_grad_(True)
+    flux, _ = fused_information_flux(k, *mode)
+    assert flux.dtype == torch.float32 and torch.isfinite(flux).all()
+    torch.testing.assert_close(flux, information_flux(k.detach().float(), *mode), rtol=1e-4, atol=1e-5)
+    flux.sum().backward()
+    assert k.grad.dtype == dtype and torch.isfinite(k.grad).all()
+
+
+def test_special_values_one_by_one():
+    d = 16
+    for value in (0.0, 1e-45, 1e-40, TINY, 1.0, 1e30, -1e30, 3.4e38):
+        for usage in ("abs", "softmax"):
+            k = torch.full((3, d), value)
+            k[1, 0] = -value  # mixed signs
+            k[2, ::2] = 0.0  # half zeros
+            k.requires_grad_(True)
+            flux, _ = fused_information_flux(k, usage)
+            flux.sum().backward()
+            assert torch.isfinite(flux).all() and torch.isfinite(k.grad).all(), (value, usage)
+            assert ((flux >= 0) & (flux <= 1 + 1e-6)).all(), (value, usage)
+
+
+def test_empty_batches():
+    for shape in ((0, 8), (2, 0, 8), (0, 0, 8)):
+        k = torch.zeros(shape, requires_grad=True)
+        flux, valid = fused_information_flux(k)
+        assert flux.shape == shape[:-1] and valid.shape == shape[:-1]
+        flux.sum().backward()
+        assert k.grad.shape == k.shape
+    with pytest.raises(ValueError, match="d_ff > 0"):
+        fused_information_flux(torch.zeros(2, 0))
+
+
+# ---- interventions -----------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(k=keys(elements=MODERATE, min_rows=1), alpha=st.floats(0.0, 1.0))
+def test_flatten_never_lowers_flux_and_keeps_signs(k, alpha):
+    flat = flatten_keys(k, alpha)
+    assert torch.isfinite(flat).all()
+    assert torch.equal(torch.sign(flat), torch.sign(k))  # zero coefficients stay zero
+    assert (_flux(flat, "abs", 1.0) >= _flux(k, "abs", 1.0) - 1e-5).all()
+
+
+@FAST
+@given(
+    k=keys(elements=st.one_of(floats32(1e-3, 100.0), floats32(-100.0, -1e-3)), min_rows=1),
+    alpha=st.floats(0.0, 1.0),
+)
+def test_flatten_mixes_usage_with_uniform(k, alpha):
+    # with no zero coefficient, p' = (1 - alpha) p + alpha / d_ff and the total magnitude is kept
+    d = k.shape[-1]
+    flat = flatten_keys(k, alpha)
+    expected = (1 - alpha) * usage_distribution(k) + alpha / d
+    torch.testing.assert_close(usage_distribution(flat), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(flat.abs().sum(-1), k.abs().sum(-1), rtol=1e-4, atol=1e-4)
+
+
+@FAST
+@given(k=keys(elements=MODERATE), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_unit_gain_is_the_identity(k, dtype):
+    k = k.to(dtype)
+    assert torch.equal(gain_keys(k, torch.ones(k.shape[-1])), k)
+
+
+# ---- degenerate batches through a model --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def steered():
+    from tiny_models import tiny_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)
+    config = InfoSteerConfig(intervention="gain", entropy_weight=0.5, lora=lora, task_type="CAUSAL_LM")
+    return get_peft_model(tiny_model("llama"), config).train()
+
+
+def _forward_and_regularizer(model, **batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    reg = peft_infosteer.infosteer_loss(model)
+    return out, reg
+
+
+def test_no_token_in_the_loss_gives_a_finite_zero_regularizer(steered):
+    ids = torch.randint(3, 100, (2, 6))
+    _, reg = _forward_and_regularizer(steered, input_ids=ids, labels=torch.full_like(ids, -100))
+    assert peft_infosteer.last_flux(steered) is None
+    assert torch.isfinite(reg) and reg.item() == 0.0
+    reg.backward()  # it is still a valid graph (or a constant): backward must not fail or produce NaN
+    for name, param in steered.named_parameters():
+        if param.grad is not None:
+            assert torch.isfinite(param.grad).all() and (param.grad == 0).all(), name
+
+
+def test_all_padding_batch_without_labels(steered):
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    out, reg = _forward_and_regularizer(steered, input_ids=ids, attention_mask=torch.zeros_like(ids))
+    assert peft_infosteer.last_flux(steered) is None
+    assert torch.isfinite(reg) and reg.item() == 0.0
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_sequences_of_length_one(steered, batch_size):
+    ids = torch.randint(3, 100, (batch_size, 1))
+    # with labels, a length-1 sequence has no next token to predict: nothing counts
+    _, reg = _forward_and_regularizer(steered, input_ids=ids, labels=ids.clone())
+    assert peft_infosteer.last_flux(steered) is None and reg.item() == 0.0
+    # without labels every (attended) position counts
+    _, reg = _forward_and_regularizer(steered, input_ids=ids, attention_mask=torch.ones_like(ids))
+    flux = peft_infosteer.last_flux(steered)
+    assert flux is not None and 0.0 < flux <= 1.0
+    reg.backward()
+    gains = [p.grad for n, p in steered.named_parameters() if "infosteer_gain" in n]
+    assert gains and all(g is not None and torch.isfinite(g).all() for g in gains)
+    assert any(g.abs().sum() > 0 for g in gains)
+
+
+def test_empty_batch_through_a_steering_layer(steered):
+    # transformers models cannot run a batch of 0 sequences; the steering layers and the regularizer can
+    from peft_infosteer.layer import InfoSteerLayer
+
+    layers = [m for m in steered.modules() if isinstance(m, InfoSteerLayer)]
+    steered.base_model.flux_recorder.start(None, grad_expected=True)
+    for layer in layers:
+        out = layer(torch.zeros(0, 5, layer.in_features, requires_grad=True))
+        assert out.shape[:2] == (0, 5)
+    assert len(steered.base_model.flux_recorder.records) == len(layers)
+    assert peft_infosteer.last_flux(steered) is None
+    reg = peft_infosteer.infosteer_loss(steered)
+    assert torch.isfinite(reg) and reg.item() == 0.0
+
+
+def test_regularizer_with_num_items_zero_is_finite(steered):
+    ids = torch.randint(3, 100, (2, 6))
+    _forward_and_regularizer(steered, input_ids=ids, labels=ids.clone())
+    reg = peft_infosteer.infosteer_loss(steered, num_items=0)
+    assert torch.isfinite(reg) and not math.isnan(reg.item())
+    reg.backward()
+    assert all(torch.isfinite(p.grad).all() for p in steered.parameters() if p.grad is not None)
