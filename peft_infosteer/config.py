@@ -11,6 +11,7 @@ from typing import Any, Literal
 from peft import LoraConfig, PeftConfig
 
 from ._registration import INFOSTEER
+from .validation import check_adapter_weights_file
 from .version import __version__
 
 __all__ = ["INTERVENTIONS", "InfoSteerConfig", "Intervention"]
@@ -212,6 +213,7 @@ class InfoSteerConfig(PeftConfig):
             config_file = os.path.join(path, "adapter_config.json")
             if os.path.isfile(config_file):
                 _check_config_file(config_file)
+            check_adapter_weights_file(path)  # a truncated weights file fails here, naming the file
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
 

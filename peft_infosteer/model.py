@@ -9,12 +9,14 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, set_adapter
 from peft.tuners.tuners_utils import delete_adapter as _delete_adapter
+from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
 from .architectures import FFN_OUTPUT_PROJECTIONS, default_target_modules
 from .config import InfoSteerConfig
 from .layer import InfoSteerLayer, Linear
 from .regularizer import FluxRecorder
+from .validation import check_adapter_state_dict, explain_unmatched_targets
 
 __all__ = ["InfoSteerModel", "token_mask"]
 
@@ -118,17 +120,34 @@ class InfoSteerModel(BaseTuner):
             raise TypeError(f"InfoSteerModel needs an InfoSteerConfig, got {type(config).__name__}")
         if not config.inference_mode:
             self._check_keys_can_move(adapter_name, config)
-        if config.lora is not None:
-            config.lora.inference_mode = config.inference_mode
-            lora_state = None if state_dict is None else {k: v for k, v in state_dict.items() if ".lora_" in k}
-            _LoraInjector(model, config.lora, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=lora_state)
-        steer_state = None if state_dict is None else {k: v for k, v in state_dict.items() if self.prefix in k}
-        super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, steer_state or None)
+        part = "The LoRA stacked in this InfoSteer adapter"
+        try:  # PEFT's bare "target modules not found" becomes an error that says what went wrong
+            if config.lora is not None:
+                config.lora.inference_mode = config.inference_mode
+                lora_state = None if state_dict is None else {k: v for k, v in state_dict.items() if ".lora_" in k}
+                _LoraInjector(model, config.lora, adapter_name, low_cpu_mem_usage, state_dict=lora_state)
+            part = "InfoSteer"
+            steer_state = None if state_dict is None else {k: v for k, v in state_dict.items() if self.prefix in k}
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, steer_state or None)
+        except NoMatchingPeftModuleError as exc:
+            raise explain_unmatched_targets(exc, model, config, part) from exc
         # LoRA's own housekeeping activated `adapter_name` on the LoRA layers; re-align everything with ours
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
         if "_start_hook" not in self.__dict__:
             self.__dict__["_start_hook"] = model.register_forward_pre_hook(self._start_forward, with_kwargs=True)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: InfoSteerConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        # PEFT calls this while loading adapter weights; it only warns about missing keys and ignores unexpected
+        # ones, so check the weights here and raise one clear error instead (see peft_infosteer.validation)
+        state_dict = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+        check_adapter_state_dict(model, config, adapter_name, state_dict)
+        return state_dict
 
     def _create_and_replace(
         self,
