@@ -118,8 +118,9 @@ class InfoSteerTrainerMixin:
         training = self.model.training and torch.is_grad_enabled()
         mode = "train" if self.model.training else "eval"
 
-        # metrics: the mean flux over all ranks, and the regularizer it gives
-        gathered = self.accelerator.gather_for_metrics(torch.stack([flux_sum.detach(), count.detach()]).reshape(1, 2))
+        # metrics: the mean flux over all ranks, and the regularizer it gives. `gather`, not `gather_for_metrics`: the
+        # latter truncates the last batch of an epoch to its per-sample remainder, dropping whole ranks' statistics
+        gathered = self.accelerator.gather(torch.stack([flux_sum.detach(), count.detach()]).reshape(1, 2))
         gathered = gathered.reshape(-1, 2).sum(0)
         mean_flux = (gathered[0] / gathered[1]).item() if gathered[1] > 0 else float("nan")
         self._infosteer_metrics[mode]["infosteer/flux"].append(mean_flux)

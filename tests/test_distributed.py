@@ -123,6 +123,76 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert abs(ddp_flux[0] - rank0_flux[0]) > 1e-4
 
 
+_EPOCH_END_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch.distributed as dist
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    from peft_infosteer import InfoSteerConfig, InfoSteerSFTTrainer
+
+    model_dir, data, out = sys.argv[1:4]
+    args = SFTConfig(
+        output_dir=out, num_train_epochs=1, per_device_train_batch_size=2, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, bf16=False, max_length=48, seed=0, dataloader_num_workers=0,
+    )
+    config = InfoSteerConfig(intervention="gain", lora=LoraConfig(r=2, target_modules="all-linear"))
+    trainer = InfoSteerSFTTrainer(
+        model=model_dir, args=args, train_dataset=load_dataset("json", data_files=data)["train"],
+        processing_class=AutoTokenizer.from_pretrained(model_dir), peft_config=config,
+    )
+    local = []
+    term = trainer._infosteer_term
+
+    def recording_term(tuner, recorder, *rest):
+        flux_sum, count = recorder.totals()
+        local.append((float(flux_sum), float(count)))
+        return term(tuner, recorder, *rest)
+
+    trainer._infosteer_term = recording_term
+    trainer.train()
+    rank = dist.get_rank()
+    for step, (flux_sum, count) in enumerate(local, start=1):
+        print(f"LOCAL rank={{rank}} step={{step}} sum={{flux_sum!r}} count={{count!r}}", flush=True)
+    if rank == 0:
+        for h in trainer.state.log_history:
+            if "infosteer/flux" in h:
+                print(f"LOGGED step={{h['step']}} flux={{h['infosteer/flux']!r}}", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_flux_metric_covers_every_rank_at_the_end_of_an_epoch(tmp_path):
+    # 5 examples, 2 processes x batch 2: the last step of the epoch has a remainder of 1 example. accelerate's
+    # gather_for_metrics would then keep only rank 0's statistics; the metric must still count both ranks' tokens.
+    model_dir, data = write_sft_assets(tmp_path, n_rows=5)
+    script = tmp_path / "epoch_end.py"
+    script.write_text(_EPOCH_END_SCRIPT.format())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    output = _run([*cmd, str(script), str(model_dir), str(data), str(tmp_path / "out")])
+    local: dict[int, dict[int, tuple[float, float]]] = {}  # step -> rank -> (flux sum, token count)
+    logged: dict[int, float] = {}
+    for line in output.splitlines():
+        if line.startswith(("LOCAL", "LOGGED")):
+            fields = dict(field.split("=", 1) for field in line.split()[1:])
+            if line.startswith("LOCAL"):
+                stats = (float(fields["sum"]), float(fields["count"]))
+                local.setdefault(int(fields["step"]), {})[int(fields["rank"])] = stats
+            else:
+                logged[int(fields["step"])] = float(fields["flux"])
+    assert sorted(logged) == [1, 2] and all(sorted(ranks) == [0, 1] for ranks in local.values()), output[-3000:]
+    for step, ranks in local.items():
+        expected = sum(s for s, _ in ranks.values()) / sum(c for _, c in ranks.values())
+        assert logged[step] == pytest.approx(expected, rel=1e-6), (step, ranks)
+        # and either rank alone would have been a different number: the check above can tell them apart
+        for flux_sum, count in ranks.values():
+            assert abs(flux_sum / count - logged[step]) > 1e-5
+
+
 _FSDP2_SCRIPT = textwrap.dedent(
     """
     import sys
