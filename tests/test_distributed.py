@@ -3,7 +3,7 @@
 Everything runs on CPU in separate processes on a tiny Llama written to disk (see ``tiny_sft.py``):
 
 - DDP: ``examples/sft_infosteer.py`` under ``accelerate launch`` with 2 processes x batch 2 gives the same adapter and
-  the same logged flux as 1 process x batch 4.
+  the same logged flux as 1 process x batch 4; the logged flux covers both ranks even on an epoch's last batch.
 - FSDP2: accelerate cannot run FSDP on CPU (it enables FSDP only for accelerator devices), so the engine underneath,
   ``torch.distributed.fsdp.fully_shard``, is driven directly under ``torchrun``: sharded gradients equal the
   single-process ones.
