@@ -221,5 +221,38 @@ def flatten_keys(k: torch.Tensor, strength: float) -> torch.Tensor:
         raise ValueError(f"flatten_strength must be in [0, 1], got {strength!r}")
     if strength == 0.0:
         return k
-    mean_abs = k.abs().mean(dim=-1, keepdim=True, dtype=torch.float32).to(k.dtype)
-    return k * (1.0 - strength) + torch.sign(k) * (strength * mean_abs)
+    return _Flatten.apply(k, float(strength))
+
+
+class _Flatten(torch.autograd.Function):
+    """``flatten_keys`` with a closed-form backward that saves nothing beyond what the projection holds anyway.
+
+    ``dk'_i / dk_j = (1 - a) [i = j] + (a / d) sign(k_i) sign(k_j)``, so backward needs only ``sign(k)``. That equals
+    ``sign(k')`` wherever ``a * mean_j |k_j|`` is nonzero in ``k``'s dtype (``k'_i`` is then a same-signed sum with a
+    nonzero term), so the output ``k'`` is saved: the output projection keeps it for its own backward, and plain
+    autograd would keep ``k`` and ``sign(k)`` on top. A row where that shift underflows while ``k`` is not all zero
+    (a degenerate half-precision case) makes the function save ``k`` instead, so the gradient is always exact.
+    """
+
+    @staticmethod
+    def forward(ctx, k: torch.Tensor, strength: float):  # type: ignore[override]
+        mean_abs32 = k.abs().mean(dim=-1, keepdim=True, dtype=torch.float32)
+        shift = strength * mean_abs32.to(k.dtype)
+        # same operations and rounding as k * (1 - a) + sign(k) * shift
+        out = k * (1.0 - strength)
+        out.add_(torch.sign(k).mul_(shift))
+        underflow = bool(((shift == 0) & (mean_abs32 > 0)).any())
+        ctx.save_for_backward(k if underflow else out)
+        ctx.strength = strength
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        (saved,) = ctx.saved_tensors
+        a = ctx.strength
+        sign = torch.sign(saved)
+        # (a / d) * sum_j g_j sign(k_j), accumulated in float32
+        proj = (grad_out * sign).sum(dim=-1, keepdim=True, dtype=torch.float32) * (a / saved.shape[-1])
+        grad = grad_out * (1.0 - a)
+        grad.add_(sign.mul_(proj.to(grad_out.dtype)))
+        return grad, None
