@@ -14,8 +14,10 @@ any Hub id works too when you are online):
     # QLoRA-style: 4-bit base
     python examples/sft_infosteer.py ... --use_peft --lora_r 16 --load_in_4bit
 
-    # several processes
-    accelerate launch --num_processes 2 examples/sft_infosteer.py ...
+    # several processes: GPUs
+    accelerate launch --num_processes 8 examples/sft_infosteer.py ...
+    # several processes on CPU (DDP over gloo; `accelerate launch --cpu` would start only one process)
+    accelerate launch --multi_gpu --num_processes 2 examples/sft_infosteer.py ... --use_cpu True --bf16 False
 """
 
 from trl import (

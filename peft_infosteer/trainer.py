@@ -9,18 +9,26 @@ accumulation and multi-process training do not change the effective weight), and
 from __future__ import annotations
 
 import os
+import warnings
 from collections import defaultdict
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .hub import update_model_card
 from .layer import InfoSteerLayer
 from .model import InfoSteerModel, token_mask
 from .regularizer import FluxRecorder, find_infosteer_model
 
-__all__ = ["InfoSteerSFTTrainer", "InfoSteerTrainerMixin", "check_gradient_checkpointing"]  # noqa: F822 (lazy)
+__all__ = [
+    "InfoSteerSFTTrainer",  # noqa: F822 (built lazily by __getattr__: TRL is optional)
+    "InfoSteerTrainerMixin",
+    "check_gradient_checkpointing",
+    "last_complete_checkpoint",
+]
 
 
 def _find_tuner(model: Any) -> InfoSteerModel | None:
@@ -76,6 +84,14 @@ class InfoSteerTrainerMixin:
         if tuner is not None:
             check_gradient_checkpointing(self.args, tuner)
             _keep_infosteer_params_fp32(tuner)
+
+    # ---- resuming ------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` skips a checkpoint whose save was interrupted."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- loss ------------------------------------------------------------------------------------------------
 
@@ -171,6 +187,27 @@ class InfoSteerTrainerMixin:
                 logs[prefix + key] = sum(values) / len(values)
         metrics.clear()
         super().log(logs, *args, **kwargs)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` whose save finished, or ``None``.
+
+    The Trainer writes a checkpoint in place and ``trainer_state.json`` last, so a run killed while saving leaves a
+    newest directory without it; ``transformers.trainer_utils.get_last_checkpoint`` would pick that one.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, step = name.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append(int(step))
+    for step in sorted(steps, reverse=True):
+        path = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+            return path
+        warnings.warn(f"skipping {path}: its save did not finish (no {TRAINER_STATE_NAME})", stacklevel=3)
+    return None
 
 
 def _keep_infosteer_params_fp32(tuner: InfoSteerModel) -> None:

@@ -295,8 +295,13 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     interrupted.train()
     checkpoint = tmp_path / "part" / "out" / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").is_file()
+    # a later save that was killed half-way: resume_from_checkpoint=True must skip it
+    broken = tmp_path / "part" / "out" / "checkpoint-3"
+    broken.mkdir()
+    (broken / "adapter_model.safetensors").write_bytes((checkpoint / "adapter_model.safetensors").read_bytes()[:100])
     resumed = make(tmp_path / "part")
-    resumed.train(resume_from_checkpoint=str(checkpoint))
+    with pytest.warns(UserWarning, match="checkpoint-3"):
+        resumed.train(resume_from_checkpoint=True)
     expected, got = _adapter_params(full.model), _adapter_params(resumed.model)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
