@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -239,8 +240,11 @@ _FSDP2_SCRIPT = textwrap.dedent(
             kinds.add(type(param).__name__)
             diffs.append((param.grad.full_tensor() - expected[name]).abs().max().item())
     gain_norm = sum(g.norm().item() for n, g in expected.items() if "infosteer_gain" in n)
-    print(f"RESULT rank={{rank}} params={{len(diffs)}} kinds={{sorted(kinds)}}", end=" ")
-    print(f"maxdiff={{max(diffs)}} gain={{gain_norm}}")
+    # one write per rank: the two processes share stdout
+    print(
+        f"RESULT rank={{rank}} params={{len(diffs)}} kinds={{sorted(kinds)}} maxdiff={{max(diffs)}} gain={{gain_norm}}",
+        flush=True,
+    )
     dist.destroy_process_group()
     """
 )
@@ -252,10 +256,11 @@ def test_fsdp2_sharded_gradients_match_single_process(tmp_path):
     script.write_text(_FSDP2_SCRIPT.format(tests=str(Path(__file__).parent)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     output = _run([*cmd, "--master_port", str(_free_port()), str(script)])
-    results = [line.split()[1:] for line in output.splitlines() if line.startswith("RESULT")]
+    # match records anywhere: the ranks' lines may still interleave in the captured output
+    results = re.findall(r"RESULT (rank=\d+ params=\d+ kinds=\S+ maxdiff=\S+ gain=\S+)", output)
     assert len(results) == 2, output[-3000:]
-    for fields in results:
-        values = dict(field.split("=", 1) for field in fields)
+    for record in results:
+        values = dict(field.split("=", 1) for field in record.split())
         assert values["kinds"] == "['DTensor']"  # the adapter parameters really are sharded
         assert int(values["params"]) > 0
         assert float(values["maxdiff"]) <= 1e-6
