@@ -470,6 +470,8 @@ def run_sweep(runner: Runner, args: argparse.Namespace) -> dict[str, Any]:
                 "dev_per_task": {t: {m: v[m] for m in METRICS} for t, v in run["eval"]["tasks"].items()},
                 "flux": run.get("flux"),
                 "train_wall_s": run["train"]["wall_s"],
+                "dev_eval_wall_s": run["eval"]["wall_s"],
+                "train": {k: run["train"][k] for k in ("steps", "tokens", "wall_s")},
             }
         )
     chosen: dict[str, float] = {}
@@ -562,6 +564,9 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     cols = [*tasks, *[f"mean_{g}" for g in ("ID", "OOD", "all") if groups.get(g)]]
     lines = [f"# Efficacy: {result['config']['model']} ({result['name']})", ""]
     cfg, sizes = result["config"], result["sizes"]
+    if result["status"] != "complete":
+        done = ", ".join(f"{m}: {seeds}" for m, seeds in result["completed_seeds"].items())
+        lines += [f"**Status: {result['status']}.** Seeds done per method: {done}.", ""]
     lines.append(
         f"{sizes['seeds']} seeds x {sizes['methods']} methods, {cfg['steps']} steps of "
         f"batch {cfg['batch_size']}, LoRA r={cfg['lora_r']}, eval format "
@@ -610,6 +615,13 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             flux = "" if p["flux"] is None else f"{p['flux']:.4f}"
             lines.append(f"| {p['label']} | {p['dev']['acc']:.3f} | {p['dev']['acc_norm']:.3f} | {flux} |")
         lines += ["", f"Chosen: {json.dumps(sweep['chosen'])}", ""]
+    tm = result["timing"]
+    lines.append(
+        f"Cost on {result['environment']['device']} ({result['environment']['torch_threads']} threads): "
+        f"{tm['train_s_per_step']['mean']:.2f} s per training step ({tm['train_tokens_per_step']['mean']:.0f} tokens), "
+        f"{tm['test_eval_s_per_run']['mean']:.0f} s per test evaluation."
+    )
+    lines.append("")
     lines.append(
         f"Wall time: {result['wall_time_s']['total']:.0f} s in this invocation; compute in cached runs: "
         f"{result['wall_time_s']['runs_compute']:.0f} s."
@@ -778,14 +790,30 @@ def main(argv: list[str] | None = None) -> int:
             runs.setdefault(method, {})[seed] = data
 
     n_test = {t: len(test_docs(splits, t, args)) for t in args.eval_tasks}
-    compute_s = sum(r["train"]["wall_s"] + r["eval"]["wall_s"] for by in runs.values() for r in by.values())
+    all_runs = [r for by in runs.values() for r in by.values()]
+    fresh = [r for r in all_runs if "reused_from" not in r["train"]]  # a reused training is counted in the sweep
+    compute_s = sum(r["train"]["wall_s"] for r in fresh) + sum(r["eval"]["wall_s"] for r in all_runs)
     if sweep:
-        compute_s += sum(p["train_wall_s"] for p in sweep["points"])
+        compute_s += sum(p["train_wall_s"] + p["dev_eval_wall_s"] for p in sweep["points"])
+    trainings = fresh + ([] if sweep is None else [{"train": p["train"]} for p in sweep["points"]])
+    timing = {
+        "train_s_per_step": stats.mean_std([r["train"]["wall_s"] / r["train"]["steps"] for r in trainings]),
+        "train_tokens_per_step": stats.mean_std([r["train"]["tokens"] / r["train"]["steps"] for r in trainings]),
+        "test_eval_s_per_doc": {
+            t: stats.mean_std([r["eval"]["tasks"][t]["wall_s"] / r["eval"]["tasks"][t]["n"] for r in all_runs])
+            for t in args.eval_tasks
+        },
+        "test_eval_s_per_run": stats.mean_std([r["eval"]["wall_s"] for r in all_runs]),
+    }
     result = {
         "name": args.name,
         "config": {k: v for k, v in vars(args).items() if k not in ("out",)} | {"model_dir": str(model_dir)},
         "chosen_hyperparameters": chosen,
         "method_params": {m: method_params(m, chosen) for m in args.methods},
+        "completed_seeds": {m: sorted(by) for m, by in runs.items()},
+        "status": "complete"
+        if all(sorted(runs.get(m, {})) == sorted(args.seeds) for m in args.methods)
+        else "partial: some (method, seed) runs are not computed yet; rerun the same command to resume",
         "sizes": {
             "seeds": len(args.seeds),
             "methods": len(args.methods),
@@ -812,6 +840,7 @@ def main(argv: list[str] | None = None) -> int:
             for m, by in runs.items()
         },
         "summary": summarise(runs, base, args),
+        "timing": timing,
         "wall_time_s": {"total": round(time.perf_counter() - t_start, 1), "runs_compute": round(compute_s, 1)},
     }
     out_dir.mkdir(parents=True, exist_ok=True)

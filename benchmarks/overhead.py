@@ -240,6 +240,61 @@ def fused_vs_naive_op(args: argparse.Namespace, d_ff: int) -> dict[str, Any]:
     }
 
 
+def component_costs(args: argparse.Namespace, d_ff: int, n_layers: int, repeats: int = 21) -> dict[str, Any]:
+    """Forward + backward time of each InfoSteer piece on one layer's keys, min and median of ``repeats``.
+
+    Short, repeated timings resolve per-layer costs that whole-step timings on a shared machine cannot; multiplied by
+    the number of layers they give the expected extra time per step.
+    """
+    from peft_infosteer.ops import flatten_keys, fused_information_flux, gain_keys
+
+    def plain_flatten(k: torch.Tensor, a: float) -> torch.Tensor:
+        mean_abs = k.abs().mean(dim=-1, keepdim=True, dtype=torch.float32).to(k.dtype)
+        return k * (1.0 - a) + torch.sign(k) * (a * mean_abs)
+
+    dtype = common.DTYPES[args.dtype]
+    g = torch.Generator().manual_seed(0)
+    k0 = torch.randn(args.batch_size, args.seq_len, d_ff, generator=g).to(args.device, dtype)
+    grad = torch.randn(k0.shape, generator=g).to(args.device, dtype)
+    gain = torch.ones(d_ff, device=args.device, requires_grad=True)
+
+    def with_backward(f):
+        def fn():
+            k = k0.clone().requires_grad_(True)
+            f(k).backward(grad)
+
+        return fn
+
+    def flux_no_grad():
+        with torch.no_grad():
+            fused_information_flux(k0)
+
+    def flux_with_grad():
+        k = k0.clone().requires_grad_(True)
+        fused_information_flux(k)[0].sum().backward()
+
+    pieces = {
+        "baseline: clone + identity backward": with_backward(lambda k: k * 1.0),
+        "flatten, plain autograd": with_backward(lambda k: plain_flatten(k, 0.1)),
+        "flatten, fused backward (ops.flatten_keys)": with_backward(lambda k: flatten_keys(k, 0.1)),
+        "gain (ops.gain_keys)": with_backward(lambda k: gain_keys(k, gain)),
+        "flux forward without grad (flux logging when entropy_weight=0)": flux_no_grad,
+        "flux forward + backward (the regularizer)": flux_with_grad,
+    }
+    out: dict[str, Any] = {"shape": list(k0.shape), "dtype": args.dtype, "layers": n_layers, "ms_per_layer": {}}
+    for name, fn in pieces.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            _sync(args.device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(args.device)
+            times.append(1e3 * (time.perf_counter() - t0))
+        out["ms_per_layer"][name] = {"min": float(min(times)), "median": float(np.median(times))}
+    return out
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     q1, med, q3 = np.quantile(values, [0.25, 0.5, 0.75])
     return {"median": float(med), "q1": float(q1), "q3": float(q3), "min": float(min(values)), "n": len(values)}
@@ -268,6 +323,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny random model, few repeats (< 60 s)")
     p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/<name>/")
+    p.add_argument(
+        "--components-only",
+        action="store_true",
+        help="only time the per-layer pieces (writes components.json next to results.json)",
+    )
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in args.modes if m not in MODES]
@@ -297,6 +357,19 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = tiny_model_dir(Path(tempfile.gettempdir()) / "peft-infosteer-overhead")
     else:
         model_dir = common.resolve_model_dir(args.model)
+    if args.components_only:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+        comp = component_costs(args, config.intermediate_size, config.num_hidden_layers)
+        comp["environment"] = common.environment_info(args.device)
+        text = json.dumps(comp, indent=1)
+        if not args.no_save:
+            out = RESULTS_ROOT / "overhead" / args.name
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "components.json").write_text(text)
+        print(text)
+        return 0
     print(f"overhead: {model_dir}, modes {args.modes}, batch {args.batch_size} x {args.seq_len}, {args.device}")
     built = {m: build(m, args, model_dir) for m in args.modes}
     vocab = built["lora"][0].get_input_embeddings().weight.shape[0]
