@@ -9,7 +9,7 @@ any Hub id works too when you are online):
         --model_name_or_path ~/.cache/peft-infosteer/SmolLM2-135M-Instruct \
         --dataset_name data.jsonl --output_dir out/infosteer \
         --use_peft --lora_r 16 --lora_alpha 32 --lora_target_modules all-linear \
-        --entropy_weight 0.1 --intervention gain --max_steps 100
+        --entropy_weight 100 --intervention gain --max_steps 100
 
     # QLoRA-style: 4-bit base
     python examples/sft_infosteer.py ... --use_peft --lora_r 16 --load_in_4bit

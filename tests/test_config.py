@@ -36,8 +36,8 @@ BAD_VALUES = [
 def test_defaults():
     config = InfoSteerConfig()
     assert config.peft_type is INFOSTEER
-    assert (config.entropy_weight, config.usage, config.usage_temperature) == (0.1, "abs", 1.0)
-    assert (config.intervention, config.flatten_strength, config.lora) == ("none", 0.1, None)
+    assert (config.entropy_weight, config.usage, config.usage_temperature) == (1000.0, "abs", 1.0)
+    assert (config.intervention, config.flatten_strength, config.lora) == ("none", 0.2, None)
     assert config.target_modules is None
     # fields PEFT and TRL read by attribute
     for name in ("modules_to_save", "trainable_token_indices", "target_parameters", "layers_to_transform"):

@@ -19,9 +19,11 @@ __all__ = ["InfoSteerArguments", "build_infosteer_config", "load_sft_dataset", "
 class InfoSteerArguments:
     """InfoSteer settings for the SFT script (see ``InfoSteerConfig`` for their meaning)."""
 
-    entropy_weight: float = field(default=0.1, metadata={"help": "Weight lambda >= 0 of the flux regularizer."})
+    entropy_weight: float = field(
+        default=100.0, metadata={"help": "Weight lambda >= 0 of the flux regularizer (sweep choice with 'gain')."}
+    )
     intervention: str = field(default="gain", metadata={"help": "Forward intervention: 'none', 'gain' or 'flatten'."})
-    flatten_strength: float = field(default=0.1, metadata={"help": "Strength in [0, 1] of 'flatten'."})
+    flatten_strength: float = field(default=0.2, metadata={"help": "Strength in [0, 1] of 'flatten'."})
     usage: str = field(default="abs", metadata={"help": "Usage distribution: 'abs' or 'softmax'."})
     usage_temperature: float = field(default=1.0, metadata={"help": "Temperature of the softmax usage."})
     infosteer_target_modules: list[str] | None = field(
