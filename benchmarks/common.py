@@ -98,8 +98,18 @@ def tokenize_chat_example(tokenizer: Any, question: str, answer: str, max_length
     """A chat-format SFT example: ``input_ids`` and ``labels`` with the loss on the assistant turn only.
 
     The prompt is the chat template up to the generation prompt; everything after it (the answer and the template's
-    end-of-turn tokens) is supervised. Long prompts are cut from the left so the answer always fits.
+    end-of-turn tokens) is supervised. A tokenizer without a chat template gets ``"<question>\nAnswer: <answer><eos>"``
+    with the loss on `` <answer><eos>``. Long prompts are cut from the left so the answer always fits.
     """
+    if getattr(tokenizer, "chat_template", None) is None:
+        # base models without a chat template (e.g. the Gemma-3-270M GGUF): the rc layout, ended by EOS
+        prompt = f"{question}\nAnswer:"
+        full = f"{prompt} {answer}{tokenizer.eos_token or ''}"
+        bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+        prompt_ids = bos + tokenizer(prompt, add_special_tokens=False).input_ids
+        answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False).input_ids[:max_length]
+        prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :] if max_length > len(answer_ids) else []
+        return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
     messages = [{"role": "user", "content": question}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
@@ -110,6 +120,12 @@ def tokenize_chat_example(tokenizer: Any, question: str, answer: str, max_length
     answer_ids = answer_ids[:max_length]
     prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :] if max_length > len(answer_ids) else []
     return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a").input_ids
+    return bos is not None and len(ids) > 0 and ids[0] == bos
 
 
 def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -808,6 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "name": args.name,
         "config": {k: v for k, v in vars(args).items() if k not in ("out",)} | {"model_dir": str(model_dir)},
+        "train_format": "chat template" if getattr(runner.tokenizer, "chat_template", None) else "plain rc layout",
         "chosen_hyperparameters": chosen,
         "method_params": {m: method_params(m, chosen) for m in args.methods},
         "completed_seeds": {m: sorted(by) for m, by in runs.items()},

@@ -77,8 +77,8 @@ def build_items(docs: Sequence[dict[str, Any]], fmt: str = "rc", tokenizer: Any 
             contexts = [r["context"] for r in requests]
             continuations = [r["continuation"] for r in requests]
         else:
-            if tokenizer is None:
-                raise ValueError("the chat format needs the tokenizer (for its chat template)")
+            if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+                raise ValueError("the chat format needs a tokenizer with a chat template; use the rc format")
             contexts = [_chat_prompt(tokenizer, doc["query"])] * n
             continuations = list(doc["choices"])
         items.append(MCItem(doc["id"], contexts, continuations, int(doc["gold"])))
