@@ -734,6 +734,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sweep_entropy_weights, args.sweep_gain_weights = [10.0], [10.0]
         args.sweep_flatten_strengths = [0.1]
         args.bootstrap = 200
+        args.threads = args.threads or 1  # small matrices: a second thread mostly waits (and spins when contended)
     if args.eval_tasks is None:
         args.eval_tasks = [*args.train_tasks, *[t for t in OOD_TASKS if t not in args.train_tasks]]
     if args.sweep_steps is None:
