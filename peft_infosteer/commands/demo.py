@@ -15,7 +15,10 @@ from pathlib import Path
 __all__ = ["add_arguments", "run"]
 
 _TASKS = ("arc_easy", "arc_challenge", "sciq")
-_SAMPLE_QUESTION = "Which part of a plant absorbs most of the water from the soil?"
+_SAMPLE_QUESTIONS = (
+    "Which part of a plant absorbs most of the water from the soil?",
+    "What gas do plants take in for photosynthesis?",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +58,8 @@ def _generate(model, tokenizer, question: str) -> str:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return answer or "(ends its turn without an answer)"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         same = torch.equal(trained(**probe).logits, reloaded(**probe).logits)
     with reloaded.disable_adapter():
-        base_answer = _generate(reloaded, tokenizer, _SAMPLE_QUESTION)
-    tuned_answer = _generate(reloaded, tokenizer, _SAMPLE_QUESTION)
+        base_answers = [_generate(reloaded, tokenizer, q) for q in _SAMPLE_QUESTIONS]
+    tuned_answers = [_generate(reloaded, tokenizer, q) for q in _SAMPLE_QUESTIONS]
 
     print()
     print(f"InfoSteer demo finished in {time.perf_counter() - start:.0f} s")
@@ -138,9 +142,10 @@ def run(args: argparse.Namespace) -> int:
         "  (normalised entropy of FFN memory usage, 1 = all memories used evenly)"
     )
     print(f"  reloaded adapter matches the trained one: {'yes' if same else 'NO'}")
-    print(f"  sample question: {_SAMPLE_QUESTION}")
-    print(f"    base model:     {base_answer}")
-    print(f"    with InfoSteer: {tuned_answer}")
+    for question, base_answer, tuned_answer in zip(_SAMPLE_QUESTIONS, base_answers, tuned_answers):
+        print(f"  sample question: {question}")
+        print(f"    base model:     {base_answer}")
+        print(f"    with InfoSteer: {tuned_answer}")
     print(f"  adapter files: {output_dir.resolve()} ({', '.join(sorted(p.name for p in output_dir.iterdir()))})")
     print(f"  load it with: import peft_infosteer; PeftModel.from_pretrained(base_model, '{output_dir}')")
     return 0 if same else 1
