@@ -63,6 +63,20 @@ def _model():
     return tiny_model("llama", vocab_size=len(tiny_tokenizer()))
 
 
+def _short_run(tmp_path) -> dict:
+    """Arguments of a 2-step CPU run shared by the plain-Trainer and DPO tests."""
+    return dict(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+    )
+
+
 def _gains(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "infosteer_gain" in n}
 
@@ -326,16 +340,7 @@ def test_mixin_with_plain_transformers_trainer(tmp_path):
     before = _gains(model)
     trainer = InfoSteerTrainer(
         model=model,
-        args=TrainingArguments(
-            output_dir=str(tmp_path),
-            max_steps=2,
-            per_device_train_batch_size=4,
-            report_to=[],
-            use_cpu=True,
-            learning_rate=1e-2,
-            logging_steps=1,
-            save_strategy="no",
-        ),
+        args=TrainingArguments(**_short_run(tmp_path)),
         train_dataset=Dataset.from_list(rows),
     )
     trainer.train()
@@ -362,17 +367,7 @@ def test_mixin_with_dpo_trainer(tmp_path):
     before = _gains(model)
     trainer = InfoSteerDPOTrainer(
         model=model,
-        args=DPOConfig(
-            output_dir=str(tmp_path),
-            max_steps=2,
-            per_device_train_batch_size=4,
-            report_to=[],
-            use_cpu=True,
-            learning_rate=1e-2,
-            logging_steps=1,
-            save_strategy="no",
-            gradient_checkpointing=False,
-        ),
+        args=DPOConfig(**_short_run(tmp_path), gradient_checkpointing=False),
         train_dataset=Dataset.from_list(rows),
         processing_class=tok,
     )
