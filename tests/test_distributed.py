@@ -257,10 +257,12 @@ def test_fsdp2_sharded_gradients_match_single_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     output = _run([*cmd, "--master_port", str(_free_port()), str(script)])
     # match records anywhere: the ranks' lines may still interleave in the captured output
-    results = re.findall(r"RESULT (rank=\d+ params=\d+ kinds=\S+ maxdiff=\S+ gain=\S+)", output)
+    number = r"[-+0-9.eE]+|nan|inf"
+    pattern = rf"RESULT rank=(\d+) params=(\d+) kinds=(\[[^\]]*\]) maxdiff=({number}) gain=({number})"
+    results = re.findall(pattern, output)
     assert len(results) == 2, output[-3000:]
-    for record in results:
-        values = dict(field.split("=", 1) for field in record.split())
+    for rank, params, kinds, maxdiff, gain in results:
+        values = {"rank": rank, "params": params, "kinds": kinds, "maxdiff": maxdiff, "gain": gain}
         assert values["kinds"] == "['DTensor']"  # the adapter parameters really are sharded
         assert int(values["params"]) > 0
         assert float(values["maxdiff"]) <= 1e-6
