@@ -571,7 +571,8 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         f"{sizes['seeds']} seeds x {sizes['methods']} methods, {cfg['steps']} steps of "
         f"batch {cfg['batch_size']}, LoRA r={cfg['lora_r']}, eval format "
         f"`{result['config']['eval_format']}`, {result['sizes']['test_docs_per_task']} test docs per task. "
-        f"ID = {', '.join(groups['ID'])}; OOD = {', '.join(groups['OOD'])}. Device {result['environment']['device']}."
+        f"ID = {', '.join(groups['ID'])}; OOD = {', '.join(groups['OOD'])}. Device {result['environment']['device']}. "
+        f"Training examples use the {result['train_format']}."
     )
     lines.append("")
     for metric in METRICS:
@@ -615,6 +616,9 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             flux = "" if p["flux"] is None else f"{p['flux']:.4f}"
             lines.append(f"| {p['label']} | {p['dev']['acc']:.3f} | {p['dev']['acc_norm']:.3f} | {flux} |")
         lines += ["", f"Chosen: {json.dumps(sweep['chosen'])}", ""]
+    else:
+        chosen = json.dumps(result["chosen_hyperparameters"])
+        lines += ["## Hyper-parameters", "", f"No sweep for this model (`--no-sweep`): set on the command line, {chosen}.", ""]
     tm = result["timing"]
     lines.append(
         f"Cost on {result['environment']['device']} ({result['environment']['torch_threads']} threads): "

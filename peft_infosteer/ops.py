@@ -29,6 +29,7 @@ USAGE_MODES: tuple[str, ...] = ("abs", "softmax")
 _CHUNK_ELEMENTS = 1 << 22
 # Per-row gradient coefficients are clamped into this range so that pathological inputs (a key vector whose total
 # magnitude is denormal) give a huge but finite gradient instead of inf.
+_SMALLEST_SUBNORMAL = 2.0**-149  # float32
 _COEF_LIMIT = 1e30
 
 
@@ -102,11 +103,14 @@ class _FusedFlux(torch.autograd.Function):
                 a = x.abs()  # never in place: .float() of a float32 k is k itself
                 amax = a.amax(dim=-1, keepdim=True)
                 a = a.div_(amax.clamp_min(torch.finfo(torch.float32).tiny))
-                s = a.sum(dim=-1, keepdim=True)
-                p = a.div_(s.clamp_min(torch.finfo(torch.float32).tiny))
-                h = -torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)), 0.0).sum(-1)
+                s = a.sum(dim=-1)
+                # H = log S - sum_i a_i log a_i / S: one fused xlogy pass (0 log 0 = 0) instead of normalising first;
+                # both terms are >= 0 for a in [0, 1], so nothing cancels
+                safe_s = s.clamp_min(torch.finfo(torch.float32).tiny)
+                h = torch.log(safe_s) - torch.xlogy(a, a).sum(-1) / safe_s
+                h = torch.where(s > 0, h, torch.zeros_like(h))
                 scale[start : start + step] = amax.squeeze(-1)
-                norm[start : start + step] = s.squeeze(-1)
+                norm[start : start + step] = s
             entropy[start : start + step] = h
             flux[start : start + step] = h / log_d
         valid = torch.ones(n, dtype=torch.bool, device=k.device) if softmax else scale > 0
@@ -138,15 +142,18 @@ class _FusedFlux(torch.autograd.Function):
                 # dF/dk_i = -p_i (log p_i + H) / (tau log d)
                 gx = torch.where(p > 0, -p * (logp + h), torch.zeros_like(p)) * coef
             else:
-                total = scale[sl].double() * norm[sl].double()  # S = sum_j |k_j|
-                coef = torch.where(total > 0, g[sl] / (total * ctx.log_d), torch.zeros_like(total))
-                coef = coef.clamp(-_COEF_LIMIT, _COEF_LIMIT).float().unsqueeze(-1)
-                a = x.abs()
-                a = a / scale[sl].unsqueeze(-1).clamp_min(torch.finfo(torch.float32).tiny)
-                p = a / norm[sl].unsqueeze(-1).clamp_min(torch.finfo(torch.float32).tiny)
-                # dF/dk_i = sign(k_i) (-log p_i - H) / (S log d), and 0 where k_i = 0
-                logp = torch.log(p.clamp_min(torch.finfo(torch.float32).tiny))
-                gx = torch.where(p > 0, torch.sign(x) * (-logp - h), torch.zeros_like(p)) * coef
+                # S = sum_j |k_j|, undoing the forward's normalisation exactly (it divided by the clamped max)
+                total = scale[sl].clamp_min(torch.finfo(torch.float32).tiny).double() * norm[sl].double()
+                defined = (total > 0) & torch.isfinite(total)  # an all-zero row, or one with inf (half precision)
+                coef = torch.where(defined, g[sl] / (total * ctx.log_d), torch.zeros_like(total))
+                coef = coef.clamp(-_COEF_LIMIT, _COEF_LIMIT).unsqueeze(-1)
+                log_total = torch.where(defined, total, torch.ones_like(total)).log().unsqueeze(-1)
+                # dF/dk_i = sign(k_i) (-log p_i - H) / (S log d) = coef sign(k_i) (log S - H - log|k_i|), 0 at k_i = 0;
+                # per row only coef and coef (log S - H) are needed, so no p of size rows x d_ff is formed.
+                # Clamping |k| to [smallest subnormal, max] changes no finite nonzero value and keeps the log finite.
+                offset = (coef * (log_total - h.double())).float()
+                log_abs = x.abs().clamp_(_SMALLEST_SUBNORMAL, torch.finfo(torch.float32).max).log_()
+                gx = torch.sign(x).mul_(torch.addcmul(offset, log_abs, coef.float(), value=-1.0))
             if out_max is not None:
                 gx = gx.clamp_(-out_max, out_max)
             grad[sl] = gx.to(k.dtype)
