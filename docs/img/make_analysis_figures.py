@@ -5,9 +5,10 @@
 1. With ``--train-steps N`` (default 0: base model only, as in the committed figures) trains two adapters with
    ``peft-infosteer demo`` (same data, seed and LoRA): "SFT-LoRA" (``--entropy-weight 0 --intervention none``: the
    InfoSteer layer is then the identity, so this is plain LoRA SFT) and "InfoSteer" (the demo's defaults:
-   ``entropy_weight=0.1``, ``intervention="gain"``). On a shared 2-core CPU a step takes 25-35 s.
+   ``entropy_weight=100``, ``intervention="gain"``). On a shared 2-core CPU a step takes 25-35 s.
 2. Measures held-out questions with ``peft-infosteer flux``: documents of the demo's shuffled ARC-Easy /
-   ARC-Challenge / SciQ pool after the 320 training and 48 evaluation examples the demo uses, as chat examples.
+   ARC-Challenge / SciQ pool after its first 368 documents (the demo trains on the first 240 and evaluates on the next
+   16 by default), as chat examples.
 3. Copies the figures into ``docs/img/`` and prints the summary tables.
 """
 
@@ -26,7 +27,7 @@ from peft_infosteer.cli import main
 
 IMG = Path(__file__).resolve().parent
 TASKS = ("arc_easy", "arc_challenge", "sciq")  # the demo's pool and shuffle (peft_infosteer/commands/demo.py)
-DEMO_USED = 320 + 48
+DEMO_USED = 368  # at least the demo's --train-examples + --eval-examples (240 + 16 by default)
 
 
 def held_out_examples(n: int, seed: int = 0) -> list[dict]:
