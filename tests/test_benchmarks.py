@@ -189,6 +189,16 @@ def test_efficacy_quick_end_to_end_and_resume(tiny_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training" not in again.stdout.split("wrote")[0]
     assert cached == {p: p.stat().st_mtime_ns for p in (tmp_path / "q" / "runs").rglob("*.json")}
+    # hyper-parameters given on the command line instead of a sweep (how a second model reuses the first one's choice)
+    chosen = result["sweep"]["chosen"]
+    given = ["--no-sweep", "--entropy-weight", str(chosen["entropy_weight"])]
+    given += ["--gain-entropy-weight", str(chosen["gain_entropy_weight"])]
+    given += ["--flatten-strength", str(chosen["flatten_strength"])]
+    no_sweep = subprocess.run([*cmd, "--report-only", *given], capture_output=True, text=True, timeout=300)
+    assert no_sweep.returncode == 0, no_sweep.stderr[-3000:]
+    report = (tmp_path / "q" / "results.md").read_text()
+    assert "No sweep for this model" in report and "## Sweep" not in report
+    assert "Training examples use the chat template." in report
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -162,6 +162,9 @@ _EPOCH_END_SCRIPT = textwrap.dedent(
         for h in trainer.state.log_history:
             if "infosteer/flux" in h:
                 print(f"LOGGED step={{h['step']}} flux={{h['infosteer/flux']!r}}", flush=True)
+    # an orderly teardown: left to interpreter exit, a rank of a loaded machine can abort in c10d's threads
+    dist.barrier()
+    dist.destroy_process_group()
     """
 )
 
