@@ -618,7 +618,8 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         lines += ["", f"Chosen: {json.dumps(sweep['chosen'])}", ""]
     else:
         chosen = json.dumps(result["chosen_hyperparameters"])
-        lines += ["## Hyper-parameters", "", f"No sweep for this model (`--no-sweep`): set on the command line, {chosen}.", ""]
+        note = f"No sweep for this model (`--no-sweep`): set on the command line, {chosen}."
+        lines += ["## Hyper-parameters", "", note, ""]
     tm = result["timing"]
     lines.append(
         f"Cost on {result['environment']['device']} ({result['environment']['torch_threads']} threads): "
