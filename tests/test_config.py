@@ -36,7 +36,7 @@ BAD_VALUES = [
 def test_defaults():
     config = InfoSteerConfig()
     assert config.peft_type is INFOSTEER
-    assert (config.entropy_weight, config.usage, config.usage_temperature) == (1000.0, "abs", 1.0)
+    assert (config.entropy_weight, config.usage, config.usage_temperature) == (100.0, "abs", 1.0)
     assert (config.intervention, config.flatten_strength, config.lora) == ("none", 0.2, None)
     assert config.target_modules is None
     # fields PEFT and TRL read by attribute
