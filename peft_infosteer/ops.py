@@ -27,9 +27,10 @@ USAGE_MODES: tuple[str, ...] = ("abs", "softmax")
 
 # Rows are processed in chunks of about this many elements so the float32 temporaries stay small.
 _CHUNK_ELEMENTS = 1 << 22
+# the smallest positive float32: clamping |k| to it before a log changes no nonzero value
+_SMALLEST_SUBNORMAL = 2.0**-149
 # Per-row gradient coefficients are clamped into this range so that pathological inputs (a key vector whose total
 # magnitude is denormal) give a huge but finite gradient instead of inf.
-_SMALLEST_SUBNORMAL = 2.0**-149  # float32
 _COEF_LIMIT = 1e30
 
 
