@@ -109,7 +109,8 @@ class _FusedFlux(torch.autograd.Function):
                 # both terms are >= 0 for a in [0, 1], so nothing cancels
                 safe_s = s.clamp_min(torch.finfo(torch.float32).tiny)
                 h = torch.log(safe_s) - torch.xlogy(a, a).sum(-1) / safe_s
-                h = torch.where(s > 0, h, torch.zeros_like(h))
+                # rounding can leave H a few ulps outside [0, log d] (e.g. one subnormal key); the true H never is
+                h = torch.where(s > 0, h, torch.zeros_like(h)).clamp_(0.0, math.log(d))
                 scale[start : start + step] = amax.squeeze(-1)
                 norm[start : start + step] = s
             entropy[start : start + step] = h

@@ -264,3 +264,11 @@ def test_flatten_mixes_usage_with_uniform_and_raises_flux():
         assert (flux > previous).all()
         previous = flux
     torch.testing.assert_close(previous, torch.ones(8))
+
+
+def test_single_subnormal_key_has_zero_flux_not_a_rounding_negative():
+    # found by the property tests: one subnormal coefficient is a one-hot usage distribution, so F = 0 exactly; the
+    # forward normalises by the clamped max there, and rounding must not push F below 0
+    for k in (torch.tensor([[7.0830e-39, 0.0]]), torch.tensor([[0.0, -3e-41, 0.0, 0.0]])):
+        flux, valid = fused_information_flux(k)
+        assert flux.tolist() == [0.0] and valid.all()
