@@ -19,6 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
+from mc_eval import adds_bos  # noqa: E402
 
 __all__ = [
     "MODEL_ALIASES",
@@ -105,7 +106,7 @@ def tokenize_chat_example(tokenizer: Any, question: str, answer: str, max_length
         # base models without a chat template (e.g. the Gemma-3-270M GGUF): the rc layout, ended by EOS
         prompt = f"{question}\nAnswer:"
         full = f"{prompt} {answer}{tokenizer.eos_token or ''}"
-        bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+        bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         prompt_ids = bos + tokenizer(prompt, add_special_tokens=False).input_ids
         answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False).input_ids[:max_length]
         prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :] if max_length > len(answer_ids) else []
@@ -120,12 +121,6 @@ def tokenize_chat_example(tokenizer: Any, question: str, answer: str, max_length
     answer_ids = answer_ids[:max_length]
     prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :] if max_length > len(answer_ids) else []
     return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
-
-
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    ids = tokenizer("a").input_ids
-    return bos is not None and len(ids) > 0 and ids[0] == bos
 
 
 def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

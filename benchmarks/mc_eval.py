@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["EVAL_FORMATS", "MCItem", "build_items", "chat_question", "score_items", "score_docs"]
+__all__ = ["EVAL_FORMATS", "MCItem", "adds_bos", "build_items", "chat_question", "score_items", "score_docs"]
 
 EVAL_FORMATS: tuple[str, ...] = ("rc", "chat")
 
@@ -85,7 +85,8 @@ def build_items(docs: Sequence[dict[str, Any]], fmt: str = "rc", tokenizer: Any 
     return items
 
 
-def _adds_bos(tokenizer: Any) -> bool:
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts its BOS token first when it encodes text."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return False
@@ -103,7 +104,7 @@ class _Group:
 
 def _groups(items: Sequence[MCItem], tokenizer: Any, fmt: str, max_length: int) -> list[_Group]:
     """One group per distinct (item, context); contexts are left-truncated so context + continuation fit."""
-    bos = [tokenizer.bos_token_id] if fmt == "rc" and _adds_bos(tokenizer) else []
+    bos = [tokenizer.bos_token_id] if fmt == "rc" and adds_bos(tokenizer) else []
     groups: list[_Group] = []
     for i, item in enumerate(items):
         by_ctx: dict[str, _Group] = {}

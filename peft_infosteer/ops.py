@@ -105,8 +105,9 @@ class _FusedFlux(torch.autograd.Function):
                 amax = a.amax(dim=-1, keepdim=True)
                 a = a.div_(amax.clamp_min(torch.finfo(torch.float32).tiny))
                 s = a.sum(dim=-1)
-                # H = log S - sum_i a_i log a_i / S: one fused xlogy pass (0 log 0 = 0) instead of normalising first;
-                # both terms are >= 0 for a in [0, 1], so nothing cancels
+                # H = log S - sum_i a_i log a_i / S: one fused xlogy pass (0 log 0 = 0) instead of normalising first.
+                # With max a = 1 both terms are >= 0 and nothing cancels; a subnormal row is divided by the clamped
+                # max instead, so a < 1 there and the two terms can cancel to a few ulps below 0 (clamped below)
                 safe_s = s.clamp_min(torch.finfo(torch.float32).tiny)
                 h = torch.log(safe_s) - torch.xlogy(a, a).sum(-1) / safe_s
                 # rounding can leave H a few ulps outside [0, log d] (e.g. one subnormal key); the true H never is
