@@ -21,6 +21,7 @@ benchmark resumes where it stopped. See benchmarks/README.md for the statistics.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import random
@@ -128,7 +129,8 @@ def batch_order(lengths: list[int], steps: int, batch_size: int, seed: int, buck
 
 
 def train(model, examples, args: argparse.Namespace, seed: int, steps: int, pad_id: int) -> dict[str, Any]:
-    """A plain PyTorch loop: AdamW, linear warmup then linear decay, grad-norm clipping, ``loss + infosteer_loss``."""
+    """A plain PyTorch loop: AdamW, linear warmup then linear decay, grad-norm clipping; ``out.loss.backward()``
+    trains the regularizer too (it is in the backward), and the loop logs its value and the flux."""
     import peft_infosteer
 
     steer = isinstance(model.base_model, peft_infosteer.InfoSteerModel)
@@ -147,11 +149,14 @@ def train(model, examples, args: argparse.Namespace, seed: int, steps: int, pad_
     for step, idx in enumerate(batch_order(lengths, steps, args.batch_size, seed)):
         batch = {k: v.to(args.device) for k, v in common.collate([examples[i] for i in idx], pad_id).items()}
         tokens += int(batch["attention_mask"].sum())
-        with torch.autocast(args.device_type, dtype=common.DTYPES[args.dtype], enabled=args.dtype != "float32"):
+        # without a regularizer (flatten) a training forward measures the flux only when asked
+        tracking = peft_infosteer.track_flux(model) if steer else contextlib.nullcontext()
+        autocast = torch.autocast(args.device_type, dtype=common.DTYPES[args.dtype], enabled=args.dtype != "float32")
+        with tracking, autocast:
             out = model(**batch)
         task_loss = out.loss.float()
+        task_loss.backward()
         reg = peft_infosteer.infosteer_loss(model) if steer else torch.zeros((), device=task_loss.device)
-        (task_loss + reg).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
@@ -223,41 +228,29 @@ def measure_flux(model, examples, args: argparse.Namespace, pad_id: int) -> floa
 
 def evaluate(model, tokenizer, docs_by_task: dict[str, list[dict[str, Any]]], args: argparse.Namespace):
     """Score every task; per task the accuracies and the per-document correctness (for paired statistics)."""
-    import peft_infosteer
-
-    try:  # the flux recorder is not needed for scoring
-        recorder = peft_infosteer.regularizer.find_infosteer_model(model).flux_recorder
-    except TypeError:
-        recorder = None
-    if recorder is not None:
-        recorder.enabled = False
     start = time.perf_counter()
     tasks = {}
-    try:
-        for task, docs in docs_by_task.items():
-            t0 = time.perf_counter()
-            rows = mc_eval.score_docs(
-                model,
-                tokenizer,
-                docs,
-                fmt=args.eval_format,
-                device=args.device,
-                ctx_tokens=args.eval_ctx_tokens,
-                cont_tokens=args.eval_cont_tokens,
-            )
-            ids = [r["id"] for r in rows]
-            tasks[task] = {
-                "n": len(rows),
-                "ids_sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16],
-                "wall_s": round(time.perf_counter() - t0, 2),
-                **{m: sum(r[m] for r in rows) / max(len(rows), 1) for m in METRICS},
-                **{f"{m}_per_doc": "".join(str(r[m]) for r in rows) for m in METRICS},
-            }
-            if args.verbose:
-                print(f"    {task}: acc {tasks[task]['acc']:.3f} acc_norm {tasks[task]['acc_norm']:.3f}", flush=True)
-    finally:
-        if recorder is not None:
-            recorder.enabled = True
+    for task, docs in docs_by_task.items():
+        t0 = time.perf_counter()
+        rows = mc_eval.score_docs(
+            model,
+            tokenizer,
+            docs,
+            fmt=args.eval_format,
+            device=args.device,
+            ctx_tokens=args.eval_ctx_tokens,
+            cont_tokens=args.eval_cont_tokens,
+        )
+        ids = [r["id"] for r in rows]
+        tasks[task] = {
+            "n": len(rows),
+            "ids_sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16],
+            "wall_s": round(time.perf_counter() - t0, 2),
+            **{m: sum(r[m] for r in rows) / max(len(rows), 1) for m in METRICS},
+            **{f"{m}_per_doc": "".join(str(r[m]) for r in rows) for m in METRICS},
+        }
+        if args.verbose:
+            print(f"    {task}: acc {tasks[task]['acc']:.3f} acc_norm {tasks[task]['acc_norm']:.3f}", flush=True)
     return {"wall_s": round(time.perf_counter() - start, 2), "tasks": tasks}
 
 

@@ -133,15 +133,10 @@ def _sync(device: str) -> None:
 
 
 def step(mode: str, model, optimizer, batch, args: argparse.Namespace) -> None:
-    import peft_infosteer
-
     ctx = naive_flux() if mode == "entropy-naive" else contextlib.nullcontext()
     with ctx, torch.autocast(args.device_type, dtype=common.DTYPES[args.dtype], enabled=args.dtype != "float32"):
         out = model(**batch)
-        loss = out.loss.float()
-        if MODES[mode] is not None:
-            loss = loss + peft_infosteer.infosteer_loss(model)
-        loss.backward()
+        out.loss.float().backward()  # the regularizer, when on, is already in this backward
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -17,22 +17,22 @@ from .architectures import FFN_OUTPUT_PROJECTIONS, default_target_modules
 from .config import InfoSteerConfig
 from .hub import install_model_card_hooks
 from .layer import InfoSteerLayer
+from .loss import find_infosteer_model, infosteer_loss, last_flux, track_flux
 from .model import InfoSteerModel
 from .ops import fused_information_flux, information_flux, usage_distribution
-from .regularizer import infosteer_loss, last_flux
-from .trainer import InfoSteerTrainerMixin
 from .version import __version__
 
-register()
+register(InfoSteerConfig, InfoSteerModel)
 install_model_card_hooks()  # README of InfoSteer adapters: how to load them (peft_infosteer.hub)
 
 
 def __getattr__(name: str):
-    # InfoSteerSFTTrainer needs the optional `trl` extra: import it on first use only
-    if name == "InfoSteerSFTTrainer":
-        from .trainer import InfoSteerSFTTrainer
+    # the trainer integration imports transformers.trainer (about a second) and InfoSteerSFTTrainer needs the optional
+    # `trl` extra: import them on first use only, so that `import peft` (which imports this plugin) stays fast
+    if name in ("InfoSteerCallback", "InfoSteerSFTTrainer"):
+        from . import trainer
 
-        return InfoSteerSFTTrainer
+        return getattr(trainer, name)
     raise AttributeError(f"module 'peft_infosteer' has no attribute {name!r}")
 
 
@@ -42,13 +42,15 @@ __all__ = [
     "InfoSteerConfig",
     "InfoSteerLayer",
     "InfoSteerModel",
+    "InfoSteerCallback",
     "InfoSteerSFTTrainer",
-    "InfoSteerTrainerMixin",
     "__version__",
     "default_target_modules",
+    "find_infosteer_model",
     "fused_information_flux",
     "infosteer_loss",
     "information_flux",
     "last_flux",
+    "track_flux",
     "usage_distribution",
 ]

@@ -20,12 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("peft_infosteer.commands.demo", "offline InfoSteer + LoRA fine-tune of the real SmolLM2-135M-Instruct"),
     "train": ("peft_infosteer.commands.train", "TRL SFT with InfoSteer (every SFTConfig/ModelConfig flag works)"),
     "merge": ("peft_infosteer.commands.merge", "merge an InfoSteer adapter into its base model for serving"),
-    "flux": ("peft_infosteer.analysis.command", "information-flux report, plots and HTML for one or more models"),
+    "flux": ("peft_infosteer.commands.flux", "information-flux report, plots and HTML for one or more models"),
 }
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit status 2."""
 
 
 def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -49,6 +45,7 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``peft-infosteer`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    rest: list[str] | argparse.Namespace
     if argv and argv[0] == "train":
         # every flag after `train` belongs to TRL's own parser (see peft_infosteer.commands.train)
         command, module, rest = "train", importlib.import_module(SUBCOMMANDS["train"][0]), argv[1:]
@@ -57,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command, module, rest = args.command, importlib.import_module(SUBCOMMANDS[args.command][0]), args
     try:
         return int(module.run(rest) or 0)
-    except (UserError, FileNotFoundError, ValueError, MissingAssetError) as exc:
+    except (FileNotFoundError, ValueError, MissingAssetError) as exc:
         print(f"peft-infosteer {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -11,7 +10,7 @@ from typing import Any, Literal
 from peft import LoraConfig, PeftConfig
 
 from ._registration import INFOSTEER
-from .validation import check_adapter_weights_file
+from .validation import check_adapter_weights_file, check_config_file
 from .version import __version__
 
 __all__ = ["INTERVENTIONS", "InfoSteerConfig", "Intervention"]
@@ -36,7 +35,7 @@ def _jsonable(value: Any) -> Any:
 
 @dataclass
 class InfoSteerConfig(PeftConfig):
-    """Configuration of an InfoSteer adapter (DESIGN.md sections 2 and 3).
+    """Configuration of an InfoSteer adapter (docs/design.md and docs/concepts.md).
 
     InfoSteer, as described in Deng, Chang and Chen (arXiv 2507.05158), treats each FFN block as a key-value memory
     and steers post-training towards using more of the stored memory vectors: with a forward intervention on the key
@@ -60,7 +59,7 @@ class InfoSteerConfig(PeftConfig):
     <PeftType.INFOSTEER: 'INFOSTEER'>
     """
 
-    target_modules: list[str] | str | None = field(
+    target_modules: list[str] | set[str] | str | None = field(
         default=None,
         metadata={
             "help": (
@@ -70,7 +69,7 @@ class InfoSteerConfig(PeftConfig):
             )
         },
     )
-    exclude_modules: list[str] | str | None = field(
+    exclude_modules: list[str] | set[str] | str | None = field(
         default=None, metadata={"help": "Names (or a regex) of modules not to steer."}
     )
     layers_to_transform: list[int] | int | None = field(
@@ -100,11 +99,13 @@ class InfoSteerConfig(PeftConfig):
         default=1.0, metadata={"help": "Temperature tau > 0 of the softmax usage distribution."}
     )
     intervention: Intervention = field(
-        default="none",
+        default="gain",
         metadata={
             "help": (
-                "Forward intervention on the key coefficients: 'none', 'gain' (trainable per-coefficient gain, "
-                "identity at init, mergeable) or 'flatten' (mix usage with the uniform distribution; not mergeable)."
+                "Forward intervention on the key coefficients: 'gain' (default: a trainable float32 per-coefficient "
+                "gain, identity at init, mergeable), 'none', or 'flatten' (mixes usage with the uniform distribution; "
+                "not mergeable). An adapter with nothing to train ('none' or 'flatten' without `lora`) is valid for "
+                "inference-time steering; creating one for training warns."
             )
         },
     )
@@ -200,40 +201,18 @@ class InfoSteerConfig(PeftConfig):
             out = super().to_dict()
         finally:
             self.lora = lora
-        out["lora"] = None if lora is None else _jsonable(lora.to_dict())
+        out["lora"] = None if lora is None else _jsonable(lora.to_dict() if isinstance(lora, LoraConfig) else lora)
         return out
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load and validate a saved config; refuse adapters that only ship pickled (``.bin``) weights."""
+        """Load and validate a saved config: a truncated or unknown-key ``adapter_config.json`` or a truncated weights
+        file raise one clear ``ValueError`` naming the file."""
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(path):
-            names = set(os.listdir(path))
-            if "adapter_model.safetensors" not in names and "adapter_model.bin" in names:
-                raise ValueError(
-                    f"{path} holds only adapter_model.bin; peft-infosteer loads safetensors only and never unpickles. "
-                    "Re-save the adapter with save_pretrained(..., safe_serialization=True)."
-                )
             config_file = os.path.join(path, "adapter_config.json")
             if os.path.isfile(config_file):
-                _check_config_file(config_file)
+                known = {f.name for f in fields(cls)} | {"auto_mapping", "peft_version", "runtime_config"}
+                check_config_file(config_file, known, __version__)
             check_adapter_weights_file(path)  # a truncated weights file fails here, naming the file
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-
-
-def _check_config_file(config_file: str) -> None:
-    """Give a clear error for a truncated file or keys that this version does not know."""
-    try:
-        with open(config_file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_file} is not valid JSON ({exc}); the file may be truncated") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
-    known = {f.name for f in fields(InfoSteerConfig)} | {"auto_mapping", "peft_version", "runtime_config"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(
-            f"{config_file} has keys that peft-infosteer {__version__} does not know: {unknown}. Fix the file, or "
-            f"upgrade peft-infosteer if it was written by a newer version ({data.get('infosteer_version', '?')})."
-        )

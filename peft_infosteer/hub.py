@@ -21,6 +21,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ._compat import wrap_peft_model_upload
+
 __all__ = ["MODEL_CARD_TAGS", "install_model_card_hooks", "model_card_section", "update_model_card"]
 
 MODEL_CARD_TAGS: tuple[str, ...] = ("peft", "infosteer", "peft-infosteer")
@@ -141,7 +143,7 @@ def update_model_card(
     if not _infosteer_configs(peft_model):
         return
     if os.path.exists(readme_path):
-        card = ModelCard.load(readme_path)
+        card = ModelCard.load(os.fspath(readme_path))
     else:
         card = ModelCard.from_template(ModelCardData())
     card.data.library_name = "peft"
@@ -181,11 +183,9 @@ def install_model_card_hooks() -> None:
             update_model_card(os.path.join(output_dir, "README.md"), self)
 
         create_or_update_model_card._infosteer_hook = True  # type: ignore[attr-defined]
-        PeftModel.create_or_update_model_card = create_or_update_model_card
+        setattr(PeftModel, "create_or_update_model_card", create_or_update_model_card)  # noqa: B010
 
-    original_upload = getattr(PeftModel, "_upload_modified_files", None)
-    if original_upload is not None and not getattr(original_upload, "_infosteer_hook", False):
-
+    def wrap(original_upload):
         @functools.wraps(original_upload)
         def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
             # push_to_hub has just replaced PEFT's README with the Hub's card: put PEFT's and ours back in, keeping
@@ -197,5 +197,6 @@ def install_model_card_hooks() -> None:
                 update_model_card(readme, self, repo_id=repo_id, extra_tags=tags)
             return original_upload(self, working_dir, repo_id, *args, **kwargs)
 
-        _upload_modified_files._infosteer_hook = True  # type: ignore[attr-defined]
-        PeftModel._upload_modified_files = _upload_modified_files
+        return _upload_modified_files
+
+    wrap_peft_model_upload(wrap)

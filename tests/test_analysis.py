@@ -201,7 +201,8 @@ def test_infosteer_adapter_flux_is_flux_of_steered_keys(llama, tokenizer):
     config = peft_infosteer.InfoSteerConfig(intervention="flatten", flatten_strength=0.5, entropy_weight=0.0, lora=lora)
     model = get_peft_model(llama, config)
     hooks_before = {name: dict(m._forward_pre_hooks) for name, m in model.named_modules()}
-    steered = measure_flux(model, tokenizer, [TEXTS[2]], model_name="steered")
+    with peft_infosteer.track_flux(model):  # analysis forwards run without grad: they measure only when asked
+        steered = measure_flux(model, tokenizer, [TEXTS[2]], model_name="steered")
     assert {name: dict(m._forward_pre_hooks) for name, m in model.named_modules()} == hooks_before
     assert steered.layer_names == base.layer_names == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     # layer 0 sees k' = flatten(k) of the unchanged base keys (nothing upstream is steered)

@@ -37,7 +37,7 @@ def test_defaults():
     config = InfoSteerConfig()
     assert config.peft_type is INFOSTEER
     assert (config.entropy_weight, config.usage, config.usage_temperature) == (100.0, "abs", 1.0)
-    assert (config.intervention, config.flatten_strength, config.lora) == ("none", 0.2, None)
+    assert (config.intervention, config.flatten_strength, config.lora) == ("gain", 0.2, None)
     assert config.target_modules is None
     # fields PEFT and TRL read by attribute
     for name in ("modules_to_save", "trainable_token_indices", "target_parameters", "layers_to_transform"):
@@ -126,19 +126,19 @@ def test_unknown_or_truncated_config_on_disk_raises(tmp_path, tiny):
         InfoSteerConfig.from_pretrained(path)
 
 
-def test_only_safetensors_are_read(tmp_path, tiny):
-    path = _saved_adapter(tmp_path, tiny)
-    weights = path / "adapter_model.safetensors"
-    # a pickle that would run code if anything unpickled it
-    torch.save({"weights": torch.ones(1)}, path / "adapter_model.bin")
-    weights.unlink()
-    for load in (
-        lambda: PeftModel.from_pretrained(tiny("llama"), path),
-        lambda: InfoSteerConfig.from_pretrained(path),
-        lambda: get_peft_model(tiny("llama"), InfoSteerConfig(intervention="gain")).load_adapter(path, "other"),
-    ):
-        with pytest.raises(ValueError, match=r"adapter_model\.bin.*safetensors"):
-            load()
+def test_pickled_weights_load_exactly_with_weights_only(tmp_path, tiny):
+    """``save_pretrained(safe_serialization=False)`` writes adapter_model.bin; PEFT reads it with weights_only=True."""
+    model = get_peft_model(tiny("llama"), InfoSteerConfig(lora=LoraConfig(r=2, target_modules="all-linear")))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+        expected = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    reloaded = PeftModel.from_pretrained(tiny("llama"), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=torch.tensor([[5, 6, 7, 8]])).logits, expected)
 
 
 def test_default_targets_are_filled_per_architecture(tiny):

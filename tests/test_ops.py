@@ -1,4 +1,4 @@
-"""Parity and robustness of the InfoSteer math in ``peft_infosteer.ops`` (DESIGN.md section 2)."""
+"""Parity and robustness of the InfoSteer math in ``peft_infosteer.ops`` (docs/design.md, section 1)."""
 
 from __future__ import annotations
 

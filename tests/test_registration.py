@@ -56,8 +56,8 @@ def test_peft_type_and_mappings():
 
 def test_registering_twice_is_harmless(tiny):
     members = list(PeftType)
-    register()
-    register()
+    register(InfoSteerConfig, InfoSteerModel)
+    register(InfoSteerConfig, InfoSteerModel)
     assert ensure_peft_type() is PeftType.INFOSTEER
     importlib.reload(peft_infosteer)
     assert list(PeftType) == members

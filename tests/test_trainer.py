@@ -1,9 +1,9 @@
-"""InfoSteerSFTTrainer / InfoSteerTrainerMixin: the regularizer inside TRL and transformers trainers."""
+"""The regularizer inside TRL and transformers trainers, with no subclass; ``InfoSteerCallback`` and
+``InfoSteerSFTTrainer`` for metrics, the model card and resuming."""
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 import peft_infosteer
-from peft_infosteer import InfoSteerConfig, InfoSteerSFTTrainer, InfoSteerTrainerMixin
+from peft_infosteer import InfoSteerCallback, InfoSteerConfig, InfoSteerSFTTrainer
 from peft_infosteer.layer import InfoSteerLayer
 
 
@@ -78,136 +78,147 @@ def _short_run(tmp_path) -> dict:
 
 
 def _gains(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "infosteer_gain" in n}
+    """The gains of the adapter being trained (DPO adds a frozen copy named "ref")."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "infosteer_gain.default" in n}
 
 
 def _adapter_params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_sft_trainer_logs_flux_and_loss_in_train_and_eval(tmp_path):
-    tok = tiny_tokenizer()
-    trainer = InfoSteerSFTTrainer(
-        model=_model(),
-        args=_sft_args(tmp_path, eval_strategy="steps", eval_steps=2),
-        train_dataset=_dataset(),
+def _trainer(cls, tmp_path, weight=0.5, model=None, **kwargs):
+    """A 2-step SFT run on the tiny model; ``cls`` is ``SFTTrainer`` or ``InfoSteerSFTTrainer``."""
+    torch.manual_seed(0)
+    args = kwargs.pop("args", None) or _sft_args(tmp_path)
+    if model is None:
+        model, kwargs["peft_config"] = _model(), _config(entropy_weight=weight)
+    kwargs.setdefault("train_dataset", _dataset())
+    return cls(model=model, args=args, processing_class=tiny_tokenizer(), **kwargs)
+
+
+@pytest.mark.parametrize("cls", [SFTTrainer, InfoSteerSFTTrainer], ids=["SFTTrainer", "InfoSteerSFTTrainer"])
+def test_logged_loss_is_the_task_loss(tmp_path, cls):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainers = {}
+    for name, trainer_cls, config in (("lora", SFTTrainer, lora), ("steered", cls, _config(entropy_weight=100.0))):
+        torch.manual_seed(0)
+        trainers[name] = trainer_cls(
+            model=_model(),
+            args=_sft_args(tmp_path / name, max_steps=1),
+            train_dataset=_dataset(),
+            eval_dataset=_dataset(8),
+            processing_class=tiny_tokenizer(),
+            peft_config=config,
+        )
+    # identity at init and LoRA B = 0: before any update both models compute the same task loss, whatever lambda is
+    evals = {name: trainer.evaluate()["eval_loss"] for name, trainer in trainers.items()}
+    for trainer in trainers.values():
+        torch.manual_seed(0)
+        trainer.train()
+    losses = {name: trainer.state.log_history[0]["loss"] for name, trainer in trainers.items()}
+    assert evals["steered"] == pytest.approx(evals["lora"], rel=1e-6) and evals["lora"] > 0
+    assert losses["steered"] == pytest.approx(losses["lora"], rel=1e-6) and losses["lora"] > 0
+    summary = {name: trainer.state.log_history[-1]["train_loss"] for name, trainer in trainers.items()}
+    assert summary["steered"] == pytest.approx(summary["lora"], rel=1e-6)
+
+
+def test_infosteer_sft_trainer_logs_flux_and_loss_in_train_and_eval(tmp_path):
+    trainer = _trainer(
+        InfoSteerSFTTrainer, tmp_path, args=_sft_args(tmp_path, eval_strategy="steps", eval_steps=2),
         eval_dataset=_dataset(8),
-        processing_class=tok,
-        peft_config=_config(),
-    )
+    )  # fmt: skip
     assert isinstance(trainer.model.base_model, peft_infosteer.InfoSteerModel)
+    assert isinstance(trainer.callback_handler.callbacks[0], InfoSteerCallback)
     trainer.train()
     train_logs = [h for h in trainer.state.log_history if "loss" in h and "infosteer/flux" in h]
     eval_logs = [h for h in trainer.state.log_history if "eval_infosteer/flux" in h]
-    assert train_logs and eval_logs
+    assert len(train_logs) == 2 and eval_logs
     for h in train_logs:
         assert 0.0 < h["infosteer/flux"] <= 1.0
         assert h["infosteer/loss"] == pytest.approx(-0.5 * h["infosteer/flux"], rel=1e-5)
         assert "entropy" in h  # TRL's own metric is still there, under its own name
     assert 0.0 < eval_logs[-1]["eval_infosteer/flux"] <= 1.0
-    # no regularizer terms leak out of a step: the records are freed once the loss is built
-    assert trainer.model.base_model.flux_recorder.records == []
 
 
-def test_regularizer_changes_the_update_and_raises_flux(tmp_path):
-    tok = tiny_tokenizer()
-    results = {}
-    for weight in (0.0, 5.0):
-        trainer = InfoSteerSFTTrainer(
-            model=_model(),
-            args=_sft_args(tmp_path / str(weight), max_steps=6, learning_rate=5e-2),
-            train_dataset=_dataset(),
-            processing_class=tok,
-            peft_config=_config(entropy_weight=weight),
-        )
-        trainer.train()
-        results[weight] = (
-            _gains(trainer.model),
-            [h["infosteer/flux"] for h in trainer.state.log_history if "loss" in h],
-        )
-    g0, g1 = results[0.0][0], results[5.0][0]
-    assert any(not torch.allclose(g0[k], g1[k]) for k in g0)
-    assert results[5.0][1][-1] > results[0.0][1][-1]
-
-
-def _one_step_update(tmp_path, batch, accum, weight=0.5):
+def _one_step_update(tmp_path, cls, batch, accum, weight=0.5, trainer_kwargs=None, **extra):
     torch.manual_seed(0)
     model = get_peft_model(_model(), _config(entropy_weight=weight))
     before = _adapter_params(model)
-    trainer = InfoSteerSFTTrainer(
-        model=model,
-        args=_sft_args(
-            tmp_path / f"{batch}x{accum}",
-            max_steps=1,
-            per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accum,
-            optim="sgd",
-            learning_rate=1.0,
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-        ),
-        train_dataset=_dataset(4),
-        processing_class=tiny_tokenizer(),
+    args = _sft_args(
+        tmp_path / f"{cls.__name__}-{batch}x{accum}-{weight}-{sorted(extra.items())}",
+        max_steps=1,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        **extra,
+    )
+    trainer = cls(
+        model=model, args=args, train_dataset=_dataset(4), processing_class=tiny_tokenizer(), **(trainer_kwargs or {})
     )
     trainer.train()
     after = _adapter_params(trainer.model)
     return {k: after[k] - before[k] for k in before}
 
 
-def test_gradient_accumulation_gives_the_same_update(tmp_path):
-    full = _one_step_update(tmp_path, batch=4, accum=1)
-    accumulated = _one_step_update(tmp_path, batch=2, accum=2)
-    without_reg = _one_step_update(tmp_path, batch=4, accum=1, weight=0.0)
-    for name in full:
-        torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-6)
+def _assert_same_update(got, want):
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+def _regularizer_share(tmp_path, cls, full) -> float:
+    without = _one_step_update(tmp_path, cls, batch=4, accum=1, weight=0.0)
+    return max((full[k] - without[k]).abs().max().item() for k in full if "infosteer_gain" in k)
+
+
+@pytest.mark.parametrize("cls", [SFTTrainer, InfoSteerSFTTrainer], ids=["SFTTrainer", "InfoSteerSFTTrainer"])
+def test_gradient_accumulation_gives_the_same_update(tmp_path, cls):
+    full = _one_step_update(tmp_path, cls, batch=4, accum=1)
+    _assert_same_update(_one_step_update(tmp_path, cls, batch=2, accum=2), full)
     # the regularizer's share of the update is far larger than the tolerance, so the check above means something
-    reg_share = max((full[k] - without_reg[k]).abs().max().item() for k in full if "infosteer_gain" in k)
-    assert reg_share > 1000 * 1e-6
+    assert _regularizer_share(tmp_path, cls, full) > 1000 * 1e-6
 
 
-@pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_ready_peft_model_and_gradient_checkpointing(tmp_path, gradient_checkpointing):
-    model = get_peft_model(_model(), _config())
-    before = _gains(model)
-    trainer = InfoSteerSFTTrainer(
-        model=model,
-        args=_sft_args(tmp_path, gradient_checkpointing=gradient_checkpointing),
-        train_dataset=_dataset(),
-        processing_class=tiny_tokenizer(),
-    )
-    trainer.train()
-    after = _gains(trainer.model)
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_update(tmp_path, reentrant):
+    full = _one_step_update(tmp_path, SFTTrainer, batch=4, accum=1)
+    checkpointed = _one_step_update(
+        tmp_path, SFTTrainer, batch=4, accum=1, gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+    )  # fmt: skip
+    _assert_same_update(checkpointed, full)
 
 
-def test_gradient_checkpointing_matches_no_checkpointing(tmp_path):
+def test_plain_sft_trainer_trains_the_regularizer_like_the_infosteer_trainer(tmp_path):
+    plain = _one_step_update(tmp_path, SFTTrainer, batch=4, accum=1)
+    ours = _one_step_update(tmp_path, InfoSteerSFTTrainer, batch=4, accum=1)
+    _assert_same_update(plain, ours)
+    assert _regularizer_share(tmp_path, SFTTrainer, plain) > 1e-3
+
+
+def test_dft_loss_trains_the_regularizer(tmp_path):
+    updates = {w: _one_step_update(tmp_path, SFTTrainer, batch=4, accum=1, weight=w, loss_type="dft") for w in (0, 500)}
+    assert max((updates[500][k] - updates[0][k]).abs().max().item() for k in updates[0] if "gain" in k) > 1e-4
+
+
+def test_custom_compute_loss_func_trains_the_regularizer(tmp_path):
+    """TRL runs the model twice on this path (a loss forward without labels, then a metrics forward)."""
+
+    def nll(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum")
+        return loss / (num_items_in_batch if num_items_in_batch is not None else (target != -100).sum())
+
     updates = {}
-    for gc in (False, True):
-        torch.manual_seed(0)
-        model = get_peft_model(_model(), _config(entropy_weight=2.0))
-        before = _gains(model)
-        trainer = InfoSteerSFTTrainer(
-            model=model,
-            args=_sft_args(tmp_path / str(gc), max_steps=1, gradient_checkpointing=gc, optim="sgd", learning_rate=1.0),
-            train_dataset=_dataset(4),
-            processing_class=tiny_tokenizer(),
-        )
-        trainer.train()
-        updates[gc] = {k: v - before[k] for k, v in _gains(trainer.model).items()}
-    for k in updates[False]:
-        torch.testing.assert_close(updates[True][k], updates[False][k], rtol=1e-4, atol=1e-7)
-
-
-def test_reentrant_checkpointing_is_refused_before_training(tmp_path):
-    args = _sft_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
-    with pytest.raises(ValueError, match="use_reentrant"):
-        InfoSteerSFTTrainer(
-            model=_model(),
-            args=args,
-            train_dataset=_dataset(),
-            processing_class=tiny_tokenizer(),
-            peft_config=_config(),
-        )
+    for weight in (0.0, 5.0):
+        with pytest.warns(FutureWarning, match="compute_loss_func"):
+            updates[weight] = _one_step_update(
+                tmp_path, SFTTrainer, batch=4, accum=1, weight=weight, trainer_kwargs={"compute_loss_func": nll}
+            )
+    assert max((updates[5.0][k] - updates[0.0][k]).abs().max().item() for k in updates[0.0] if "gain" in k) > 1e-4
 
 
 def test_4bit_base_trains_and_gains_stay_float32(tmp_path):
@@ -220,64 +231,99 @@ def test_4bit_base_trains_and_gains_stay_float32(tmp_path):
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
         device_map="cpu",
     )
-    trainer = InfoSteerSFTTrainer(
-        model=model,
-        args=_sft_args(tmp_path),
-        train_dataset=_dataset(),
-        processing_class=tiny_tokenizer(),
-        peft_config=_config(),
-    )
-    gains = [p for n, p in trainer.model.named_parameters() if "infosteer_gain" in n]
-    assert gains and all(p.dtype == torch.float32 for p in gains)
+    trainer = _trainer(SFTTrainer, tmp_path, model=model, peft_config=_config())
     lora = [p for n, p in trainer.model.named_parameters() if "lora_A" in n]
-    assert lora[0].dtype == torch.bfloat16  # TRL's QLoRA cast still applies to LoRA
-    before = [p.detach().clone() for p in gains]
-    trainer.train()
-    assert any(not torch.equal(b, p) for b, p in zip(before, gains))
+    assert lora[0].dtype == torch.bfloat16  # TRL's QLoRA cast applies to LoRA ...
+    gains = [p for n, p in trainer.model.named_parameters() if "infosteer_gain" in n]
+    before = [p.detach().float().clone() for p in gains]
+    with pytest.warns(UserWarning, match="training it in float32"):  # ... and the gains are put back
+        trainer.train()
     assert all(p.dtype == torch.float32 for p in gains)
+    assert any(not torch.equal(b, p) for b, p in zip(before, gains))
 
 
-def test_plain_sft_trainer_warns_that_the_regularizer_is_dropped(tmp_path):
-    trainer = SFTTrainer(
-        model=_model(),
-        args=_sft_args(tmp_path),
-        train_dataset=_dataset(),
-        processing_class=tiny_tokenizer(),
-        peft_config=_config(),
-    )
-    with pytest.warns(UserWarning, match="InfoSteerSFTTrainer"):
-        trainer.train()
+def test_infosteer_sft_trainer_without_an_infosteer_adapter_warns(tmp_path):
+    lora = LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    with pytest.warns(UserWarning, match="nothing InfoSteer-specific will be trained"):
+        trainer = _trainer(InfoSteerSFTTrainer, tmp_path, model=_model(), peft_config=lora)
+    trainer.train()
+    assert not any(isinstance(m, InfoSteerLayer) for m in trainer.model.modules())
+    assert not any("infosteer/flux" in h for h in trainer.state.log_history)
 
 
-def test_dft_loss_keeps_the_regularizer(tmp_path):
-    trainer = InfoSteerSFTTrainer(
-        model=_model(),
-        args=_sft_args(tmp_path, loss_type="dft"),
-        train_dataset=_dataset(),
-        processing_class=tiny_tokenizer(),
-        peft_config=_config(),
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        trainer.train()
-    assert any("infosteer/flux" in h for h in trainer.state.log_history)
-
-
-def test_evaluate_and_predict_do_not_leak(tmp_path):
-    trainer = InfoSteerSFTTrainer(
-        model=_model(),
-        args=_sft_args(tmp_path),
-        train_dataset=_dataset(),
-        eval_dataset=_dataset(8),
-        processing_class=tiny_tokenizer(),
-        peft_config=_config(),
-    )
+def test_evaluate_and_predict(tmp_path):
+    trainer = _trainer(InfoSteerSFTTrainer, tmp_path, eval_dataset=_dataset(8))
     first = trainer.evaluate()
     second = trainer.evaluate()
+    assert 0.0 < first["eval_infosteer/flux"] <= 1.0
     assert first["eval_infosteer/flux"] == pytest.approx(second["eval_infosteer/flux"])
+    assert first["eval_loss"] == pytest.approx(second["eval_loss"])
     prediction = trainer.predict(trainer.eval_dataset)
     assert math.isfinite(prediction.metrics["test_loss"])
-    assert trainer.model.base_model.flux_recorder.records == []
+
+
+class _Recorder(TrainerCallback):
+    """Stands in for a reporting integration (TensorBoard, W&B): keeps what on_log shows it."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_plain_transformers_trainer_and_one_line_metrics(tmp_path):
+    tok = tiny_tokenizer()
+    texts = [f"What is {i} plus {i}? It is {2 * i}." for i in range(8)]
+    enc = tok(texts, padding="max_length", max_length=24, truncation=True)
+    rows = [
+        {"input_ids": ids, "attention_mask": am, "labels": [t if m else -100 for t, m in zip(ids, am)]}
+        for ids, am in zip(enc["input_ids"], enc["attention_mask"])
+    ]
+    updates = {}
+    for weight in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = get_peft_model(_model(), _config(entropy_weight=weight))
+        before = _gains(model)
+        reporter = _Recorder()
+        args = TrainingArguments(**_short_run(tmp_path / str(weight)), optim="sgd", max_grad_norm=0.0)
+        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=[reporter])
+        InfoSteerCallback.attach(trainer)  # the one line: first among the callbacks, so reporters see the metrics
+        trainer.train()
+        updates[weight] = {k: v - before[k] for k, v in _gains(trainer.model).items()}
+        assert any("infosteer/flux" in h for h in trainer.state.log_history)
+        assert any("infosteer/flux" in logs for logs in reporter.logs)
+    assert max((updates[5.0][k] - updates[0.0][k]).abs().max().item() for k in updates[0.0]) > 1e-4
+
+
+def test_dpo_trainer_trains_the_regularizer_with_no_subclass(tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+            "chosen": [{"role": "assistant", "content": f"It is {2 * i}."}],
+            "rejected": [{"role": "assistant", "content": f"It is {2 * i + 1}."}],
+        }
+        for i in range(8)
+    ]
+    updates = {}
+    for weight in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = get_peft_model(_model(), _config(entropy_weight=weight))
+        before = _gains(model)
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(**_short_run(tmp_path / str(weight)), gradient_checkpointing=False, optim="sgd"),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tiny_tokenizer(),
+        )
+        InfoSteerCallback.attach(trainer)
+        trainer.train()
+        updates[weight] = {k: v - before[k] for k, v in _gains(trainer.model).items()}
+        logs = [h for h in trainer.state.log_history if "infosteer/flux" in h]
+        assert logs and 0 < logs[0]["infosteer/flux"] <= 1
+    assert max((updates[5.0][k] - updates[0.0][k]).abs().max().item() for k in updates[0.0]) > 1e-4
 
 
 class _StopAt(TrainerCallback):
@@ -323,103 +369,6 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     # a checkpoint is a loadable adapter
     loaded = PeftModel.from_pretrained(_model(), str(checkpoint))
     assert isinstance(loaded.base_model, peft_infosteer.InfoSteerModel)
-
-
-def test_mixin_with_plain_transformers_trainer(tmp_path):
-    class InfoSteerTrainer(InfoSteerTrainerMixin, Trainer):
-        pass
-
-    tok = tiny_tokenizer()
-    model = get_peft_model(_model(), _config())
-    texts = [f"What is {i} plus {i}? It is {2 * i}." for i in range(8)]
-    enc = tok(texts, padding="max_length", max_length=24, truncation=True)
-    rows = [
-        {"input_ids": ids, "attention_mask": am, "labels": [t if m else -100 for t, m in zip(ids, am)]}
-        for ids, am in zip(enc["input_ids"], enc["attention_mask"])
-    ]
-    before = _gains(model)
-    trainer = InfoSteerTrainer(
-        model=model,
-        args=TrainingArguments(**_short_run(tmp_path)),
-        train_dataset=Dataset.from_list(rows),
-    )
-    trainer.train()
-    assert any("infosteer/flux" in h for h in trainer.state.log_history)
-    assert any(not torch.equal(before[k], v) for k, v in _gains(trainer.model).items())
-
-
-def test_mixin_with_dpo_trainer(tmp_path):
-    from trl import DPOConfig, DPOTrainer
-
-    class InfoSteerDPOTrainer(InfoSteerTrainerMixin, DPOTrainer):
-        pass
-
-    tok = tiny_tokenizer()
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
-            "chosen": [{"role": "assistant", "content": f"It is {2 * i}."}],
-            "rejected": [{"role": "assistant", "content": f"It is {2 * i + 1}."}],
-        }
-        for i in range(8)
-    ]
-    model = get_peft_model(_model(), _config())
-    before = _gains(model)
-    trainer = InfoSteerDPOTrainer(
-        model=model,
-        args=DPOConfig(**_short_run(tmp_path), gradient_checkpointing=False),
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tok,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # the regularizer must be consumed, not dropped
-        trainer.train()
-    logs = [h for h in trainer.state.log_history if "infosteer/flux" in h]
-    assert logs and 0 < logs[0]["infosteer/flux"] <= 1
-    assert any(not torch.equal(before[k], v) for k, v in _gains(trainer.model).items())
-
-
-def test_mixin_passes_through_models_without_infosteer(tmp_path):
-    trainer = InfoSteerSFTTrainer(
-        model=_model(),
-        args=_sft_args(tmp_path),
-        train_dataset=_dataset(),
-        processing_class=tiny_tokenizer(),
-        peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
-    trainer.train()
-    assert not any(isinstance(m, InfoSteerLayer) for m in trainer.model.modules())
-    assert not any("infosteer/flux" in h for h in trainer.state.log_history)
-
-
-def test_custom_compute_loss_func_keeps_the_regularizer(tmp_path):
-    """TRL runs the model twice on this path (loss forward without labels, then a metrics forward)."""
-    calls = []
-
-    def nll(outputs, labels, num_items_in_batch=None):
-        calls.append(num_items_in_batch)
-        logits = outputs.logits[:, :-1].float()
-        target = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum")
-        return loss / (num_items_in_batch if num_items_in_batch is not None else (target != -100).sum())
-
-    model = get_peft_model(_model(), _config(entropy_weight=2.0))
-    before = _gains(model)
-    with pytest.warns(FutureWarning, match="compute_loss_func"):
-        trainer = InfoSteerSFTTrainer(
-            model=model,
-            args=_sft_args(tmp_path),
-            train_dataset=_dataset(),
-            processing_class=tiny_tokenizer(),
-            compute_loss_func=nll,
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # the regularizer is consumed, not dropped
-        trainer.train()
-    assert calls
-    logs = [h for h in trainer.state.log_history if "infosteer/flux" in h]
-    assert logs and all(0 < h["infosteer/flux"] <= 1 for h in logs)
-    assert any(not torch.equal(before[k], v) for k, v in _gains(trainer.model).items())
 
 
 def test_trainer_model_card_keeps_the_loading_note(tmp_path):

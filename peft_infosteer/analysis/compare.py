@@ -200,14 +200,19 @@ def compare_reports(
     if reference not in names:
         raise ValueError(f"reference {reference!r} is not one of the models {names}")
     _check_same_tokens(reports)
-    boot = dict(n_boot=n_boot, confidence=confidence, seed=seed)
     tokens = add_surprisal_residuals(token_table(reports, layers=layers, drop_first=drop_first), degree=degree)
-    summary = class_summary(tokens, unit=unit, **boot).rename(columns={"mean": "mean_flux"})
-    residual = class_summary(tokens, "flux_residual", unit=unit, **boot).rename(columns={"mean": "mean_residual"})
+    summary = class_summary(tokens, unit=unit, n_boot=n_boot, confidence=confidence, seed=seed).rename(
+        columns={"mean": "mean_flux"}
+    )
+    residual = class_summary(
+        tokens, "flux_residual", unit=unit, n_boot=n_boot, confidence=confidence, seed=seed
+    ).rename(columns={"mean": "mean_residual"})
     residual = residual.drop(columns=["mean_surprisal"])
     # paired differences are always resampled by text, whatever `unit` says for the per-model means
-    differences = class_differences(tokens, reference, **boot)
-    residual_differences = class_differences(tokens, reference, "flux_residual", **boot)
+    differences = class_differences(tokens, reference, n_boot=n_boot, confidence=confidence, seed=seed)
+    residual_differences = class_differences(
+        tokens, reference, "flux_residual", n_boot=n_boot, confidence=confidence, seed=seed
+    )
     layer_rows = []
     for r in reports:
         start = 1 if drop_first else 0

@@ -46,7 +46,7 @@ def _matches(name: str, targets: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _innermost(module: nn.Module) -> nn.Module:
+def _innermost(module: Any) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 

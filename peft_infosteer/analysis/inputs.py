@@ -50,7 +50,7 @@ def _as_messages(example: Example) -> tuple[str | None, list[Mapping[str, Any]] 
             return None, list(example["messages"])
         raise ValueError(f"an example must have a 'text' string or a 'messages' list, got keys {sorted(example)}")
     if isinstance(example, Sequence) and all(isinstance(m, Mapping) for m in example):
-        return None, list(example)
+        return None, [m for m in example if isinstance(m, Mapping)]
     raise ValueError(f"an example must be a string, a list of chat messages or a dict, got {type(example).__name__}")
 
 
@@ -98,7 +98,7 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], max_length: int
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     specials = special_token_ids(tokenizer)
-    out = []
+    out: list[EncodedText] = []
     for example in examples:
         text, messages = _as_messages(example)
         scaffolding: list[bool] | None = None
@@ -112,7 +112,7 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], max_length: int
         if not ids:
             raise ValueError(f"example {len(out)} has no tokens")
         special = [int(i) in specials or bool(scaffolding and scaffolding[n]) for n, i in enumerate(ids)]
-        out.append(EncodedText(text=text, token_ids=[int(i) for i in ids], special=special))
+        out.append(EncodedText(text=text or "", token_ids=[int(i) for i in ids], special=special))
     return out
 
 

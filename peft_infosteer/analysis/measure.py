@@ -50,9 +50,11 @@ def surprisal_from_logits(logits: torch.Tensor, token_ids: torch.Tensor) -> torc
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
+    get_embeddings: Any = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
     return next(model.parameters()).device
 
 

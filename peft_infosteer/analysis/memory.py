@@ -1,12 +1,12 @@
 """Memory readout: which FFN memories a token uses in a layer, and what they write into the vocabulary space.
 
-The FFN output at one position is ``sum_i k_i v_i`` (DESIGN.md section 2): ``k`` are the key coefficients, ``v_i`` is
-column ``i`` of the output projection weight (row ``i`` for GPT-2's ``Conv1D``, which stores ``(in, out)``). A memory's
-contribution has norm ``|k_i| * ||v_i||``; the readout ranks memories by it and projects each signed memory
+The FFN output at one position is ``sum_i k_i v_i`` (docs/design.md, section 1): ``k`` are the key coefficients, ``v_i``
+is column ``i`` of the output projection weight (row ``i`` for GPT-2's ``Conv1D``, which stores ``(in, out)``). A
+memory's contribution has norm ``|k_i| * ||v_i||``; the readout ranks memories by it and projects each signed memory
 ``sign(k_i) * v_i`` (the direction it actually adds) through the unembedding matrix to its top tokens, as in Geva et al.
 (2021, 2022), "Transformer Feed-Forward Layers Are Key-Value Memories" / "... Build Predictions by Promoting Concepts".
-By default the projection uses the unembedding alone; ``use_final_norm=True`` applies the model's final norm first
-(a logit-lens variant; the norm's rescaling does not change the ranking, its learned gain does).
+By default the projection uses the unembedding alone; ``use_final_norm=True`` applies the model's final norm first (a
+logit-lens variant; the norm's rescaling does not change the ranking, its learned gain does).
 
 With a LoRA stacked on the projection (a LoRA or InfoSteer+LoRA ``PeftModel``) the memories are the columns of the
 effective weight ``W + scale * B A`` of the active adapters; an InfoSteer gain acts on ``k`` and is already in the
@@ -74,6 +74,7 @@ class MemoryReadout:
 
 def _dequantized(layer: nn.Module) -> torch.Tensor:
     weight = layer.weight
+    assert isinstance(weight, torch.Tensor)
     if weight.dtype.is_floating_point:
         return weight.detach()
     quant_state = getattr(weight, "quant_state", None)
@@ -100,12 +101,13 @@ def memory_vectors(module: nn.Module) -> torch.Tensor:
     weight = _dequantized(base).float().clone()
     layer: Any = module
     while isinstance(layer, BaseTunerLayer):
-        if hasattr(layer, "lora_A") and not layer.merged and not layer.disable_adapters:
-            for name in layer.active_adapters:
-                if name in layer.lora_A:
+        tuner: Any = layer
+        if hasattr(tuner, "lora_A") and not tuner.merged and not tuner.disable_adapters:
+            for name in tuner.active_adapters:
+                if name in tuner.lora_A:
                     # PEFT returns the delta in the base weight's own layout (fan_in_fan_out for Conv1D)
-                    weight += layer.get_delta_weight(name).detach().float().to(weight.device)
-        layer = layer.base_layer
+                    weight += tuner.get_delta_weight(name).detach().float().to(weight.device)
+        layer = tuner.base_layer
     # nn.Linear stores (out, in) = (d_model, d_ff); Conv1D stores (in, out) = (d_ff, d_model)
     return weight if isinstance(base, Conv1D) else weight.t().contiguous()
 
@@ -173,9 +175,10 @@ def memory_readout(
         top = torch.topk(scores, min(top_k, scores.numel()))
         signed = vectors[top.indices] * torch.sign(k[top.indices]).unsqueeze(-1)
         if use_final_norm:
-            norm = _final_norm(model)
-            signed = norm(signed.to(next(norm.parameters()).dtype)).float()
-        unembedding = model.get_output_embeddings().weight.detach()
+            final_norm = _final_norm(model)
+            signed = final_norm(signed.to(next(final_norm.parameters()).dtype)).float()
+        output_embeddings: Any = getattr(model, "get_output_embeddings")()  # noqa: B009 (nn.Module types it as a tensor)
+        unembedding = output_embeddings.weight.detach()
         logits = signed.to(unembedding.device, unembedding.dtype) @ unembedding.t()
         best = torch.topk(logits.float(), min(top_tokens, logits.shape[-1]), dim=-1)
     memories = [

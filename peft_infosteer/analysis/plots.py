@@ -202,7 +202,9 @@ def plot_class_differences(
     width = 0.7 / max(len(models), 1)
     for m_index, model in enumerate(models):
         sub = differences[differences["model"] == model].set_index("token_class")
-        xs, ys, err = [], [], [[], []]
+        xs: list[float] = []
+        ys: list[float] = []
+        err: list[list[float]] = [[], []]
         for c_index, cls in enumerate(classes):
             if cls not in sub.index or not np.isfinite(sub.loc[cls, "mean_diff"]):
                 continue

@@ -44,7 +44,7 @@ DATAFRAME_COLUMNS: tuple[str, ...] = (
 class TextFlux:
     """Flux of one text through one model.
 
-    ``flux[t, l]`` is the information flux (DESIGN.md section 2, in ``[0, 1]``) of the FFN key vector at token
+    ``flux[t, l]`` is the information flux (docs/design.md, section 1; in ``[0, 1]``) of the FFN key vector at token
     position ``t`` in layer ``l``; NaN where it is undefined (a key vector of zeros). ``surprisal[t]`` is
     ``-log p(token_t | tokens_<t)`` in nats; NaN at position 0, which has no prefix.
     """

@@ -133,10 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
     print()
     print(f"InfoSteer demo finished in {time.perf_counter() - start:.0f} s")
-    # the logged eval loss includes the regularizer -lambda * flux; show the task loss on its own
-    task_before = before["eval_loss"] - before["eval_infosteer/loss"]
-    task_after = after["eval_loss"] - after["eval_infosteer/loss"]
-    print(f"  held-out task loss       {task_before:.4f} -> {task_after:.4f}")
+    print(f"  held-out task loss       {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}")
     print(
         f"  mean information flux    {before['eval_infosteer/flux']:.4f} -> {after['eval_infosteer/flux']:.4f}"
         "  (normalised entropy of FFN memory usage, 1 = all memories used evenly)"

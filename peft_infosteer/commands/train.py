@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+
+from ..config import Intervention
+from ..ops import Usage
 
 __all__ = ["InfoSteerArguments", "build_infosteer_config", "load_sft_dataset", "make_parser", "run", "train"]
 
@@ -36,19 +39,23 @@ class InfoSteerArguments:
 
 def build_infosteer_config(model_args: Any, infosteer_args: InfoSteerArguments):
     """The ``InfoSteerConfig`` for TRL's ``ModelConfig`` (its LoRA flags) and the InfoSteer flags."""
+    from peft import LoraConfig
     from trl import get_peft_config
 
     from ..config import InfoSteerConfig
 
+    lora = get_peft_config(model_args)  # None without --use_peft
+    if lora is not None and not isinstance(lora, LoraConfig):
+        raise ValueError(f"InfoSteer stacks a LoRA adapter; TRL's flags built a {type(lora).__name__}")
     return InfoSteerConfig(
         entropy_weight=infosteer_args.entropy_weight,
-        intervention=infosteer_args.intervention,
+        intervention=cast(Intervention, infosteer_args.intervention),  # InfoSteerConfig validates both
         flatten_strength=infosteer_args.flatten_strength,
-        usage=infosteer_args.usage,
+        usage=cast(Usage, infosteer_args.usage),
         usage_temperature=infosteer_args.usage_temperature,
         target_modules=infosteer_args.infosteer_target_modules,
         layers_to_transform=infosteer_args.infosteer_layers_to_transform,
-        lora=get_peft_config(model_args),  # None without --use_peft
+        lora=lora,
         task_type="CAUSAL_LM",
     )
 
@@ -77,7 +84,8 @@ def make_parser(prog: str | None = "peft-infosteer train"):
     """TRL's SFT parser with the InfoSteer arguments added."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, InfoSteerArguments), prog=prog)
+    dataclasses: Any = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, InfoSteerArguments)
+    return TrlParser(dataclasses, prog=prog)
 
 
 def train(script_args, training_args, model_args, dataset_args, infosteer_args) -> str:

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-texts", type=int, default=None, help="use only the first N texts")
     parser.add_argument("--max-length", type=int, default=512, help="truncate each text to this many tokens")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--usage", choices=USAGE_MODES, default="abs", help="usage distribution (DESIGN.md 2)")
+    parser.add_argument("--usage", choices=USAGE_MODES, default="abs", help="usage distribution (see docs/design.md)")
     parser.add_argument("--usage-temperature", type=float, default=1.0, help="softmax temperature for --usage softmax")
     parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype to load the model in")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -152,7 +152,7 @@ def _load(model_dir: Path, adapter: Path | None, dtype: str, device: Any):
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``flux`` subcommand; returns the exit status."""
-    from . import (
+    from ..analysis import (
         compare_reports,
         flux_html,
         measure_flux,
@@ -192,8 +192,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot load a tokenizer from {tokenizer_dir}: {_one_line(exc)}") from None
 
     reports = []
-    for name, adapter in zip(names, [None, *adapters]):
-        model = _load(model_dir, adapter, args.dtype, device)
+    candidates: list[Path | None] = [None, *adapters]
+    for name, candidate in zip(names, candidates):
+        model = _load(model_dir, candidate, args.dtype, device)
         reports.append(
             measure_flux(
                 model,
@@ -207,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
         )
-        reports[-1].metadata.update({"model_path": str(model_dir), "adapter_path": str(adapter) if adapter else None})
+        adapter_path = str(candidate) if candidate else None
+        reports[-1].metadata.update({"model_path": str(model_dir), "adapter_path": adapter_path})
         del model
 
     comparison = compare_reports(reports, reference=names[0], layers=args.layers, n_boot=args.n_boot, seed=args.seed)
@@ -235,9 +237,9 @@ def run(args: argparse.Namespace) -> int:
         written += [out / f"{stem}.png", out / f"{stem}.svg"]
     for text_id in args.show_texts:
         for report in reports:
-            stem = out / f"heatmap_text{text_id}_{_safe(report.model)}"
-            plot_token_heatmap(report, text_id, path=stem)
-            written += [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+            heatmap = out / f"heatmap_text{text_id}_{_safe(report.model)}"
+            plot_token_heatmap(report, text_id, path=heatmap)
+            written += [heatmap.with_suffix(".png"), heatmap.with_suffix(".svg")]
         page = out / f"text{text_id}.html"
         flux_html(reports, text_id, layers=args.layers, path=page)
         written.append(page)
