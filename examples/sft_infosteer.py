@@ -20,6 +20,8 @@ any Hub id works too when you are online):
     accelerate launch --multi_gpu --num_processes 2 examples/sft_infosteer.py ... --use_cpu True --bf16 False
 """
 
+import sys
+
 from trl import (
     DatasetMixtureConfig,
     ModelConfig,
@@ -31,7 +33,7 @@ from trl import (
 )
 
 from peft_infosteer import InfoSteerSFTTrainer  # importing peft_infosteer registers PeftType.INFOSTEER
-from peft_infosteer.commands.train import InfoSteerArguments, build_infosteer_config, load_sft_dataset
+from peft_infosteer.commands.train import InfoSteerArguments, build_infosteer_config, cpu_friendly, load_sft_dataset
 
 
 def main(script_args, training_args, model_args, dataset_args, infosteer_args):
@@ -56,4 +58,4 @@ def main(script_args, training_args, model_args, dataset_args, infosteer_args):
 
 if __name__ == "__main__":
     parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, InfoSteerArguments))
-    main(*parser.parse_args_and_config())
+    main(*parser.parse_args_and_config(args=cpu_friendly(sys.argv[1:])))  # --bf16 False where bf16 cannot run

@@ -17,7 +17,7 @@ from .architectures import FFN_OUTPUT_PROJECTIONS, default_target_modules
 from .config import InfoSteerConfig
 from .hub import install_model_card_hooks
 from .layer import InfoSteerLayer
-from .loss import find_infosteer_model, infosteer_loss, last_flux, track_flux
+from .loss import find_infosteer_model, infosteer_loss, last_flux, step_flux_target, track_flux
 from .model import InfoSteerModel
 from .ops import fused_information_flux, information_flux, usage_distribution
 from .version import __version__
@@ -51,6 +51,7 @@ __all__ = [
     "infosteer_loss",
     "information_flux",
     "last_flux",
+    "step_flux_target",
     "track_flux",
     "usage_distribution",
 ]

@@ -1,15 +1,8 @@
-"""Drop one harmless bitsandbytes notice that would otherwise print on every import on some CPUs."""
+"""Drop one harmless bitsandbytes notice before peft imports bitsandbytes (the filter lives with the start-up hook,
+which installs it too when ``import peft`` comes first)."""
 
 from __future__ import annotations
 
-import logging
+from _peft_infosteer_autoload import quiet_bitsandbytes_notice
 
-
-class _DropBnbKernelNotice(logging.Filter):
-    # bitsandbytes logs this on CPUs with AVX512-BF16 when the optional `kernels` package (which downloads its kernel
-    # from the Hub at run time) is absent; it then falls back to its bundled CPU code, so the notice is noise.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-
-
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBnbKernelNotice())
+quiet_bitsandbytes_notice()

@@ -8,6 +8,8 @@ Modules of this package reach private upstream APIs only through this one.
 from __future__ import annotations
 
 import enum
+import sys
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,13 +19,15 @@ from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 __all__ = [
+    "CALLED_ON_THE_TUNER_BY_PEFT",
     "OVERRIDDEN_PRIVATE_METHODS",
     "add_enum_member",
     "add_callback_first",
-    "base_layer_device",
+    "move_adapter_to_base_layer",
     "check_adapters_not_merged",
     "filter_state_dict_by_key_prefixes",
     "set_trainer_tags",
+    "transformers_is_loading_an_adapter",
     "tuner_state_dict_key_prefixes",
     "wrap_peft_model_upload",
 ]
@@ -37,9 +41,13 @@ OVERRIDDEN_PRIVATE_METHODS: dict[type, tuple[str, ...]] = {
         "_remap_adapter_state_dict_for_load",
         "_unload_and_optionally_merge",
         "_check_merge_allowed",
+        "_cast_adapter_dtype",
     ),
     LoraModel: ("_create_and_replace",),
 }
+
+# Methods that PEFT's PeftModel looks up on its tuner by name (``hasattr``), without a base-class definition
+CALLED_ON_THE_TUNER_BY_PEFT: tuple[str, ...] = ("_enable_peft_forward_hooks",)
 
 
 def add_enum_member(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
@@ -64,10 +72,30 @@ def add_enum_member(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
     return member
 
 
-def base_layer_device(layer: BaseTunerLayer, base_layer: torch.nn.Module) -> torch.device | None:
-    """The device of a base layer's weight, the way PEFT places new adapter weights (``None`` if it has none)."""
-    device, _ = layer._get_base_layer_device_and_dtype(base_layer)
-    return device
+def transformers_is_loading_an_adapter() -> bool:
+    """Whether the current call runs inside transformers' own adapter loading (``PeftAdapterMixin.load_adapter``).
+
+    That path (``pipeline(model=<adapter dir>)``, ``model.load_adapter``, ``from_pretrained(<adapter dir>)``) injects
+    the adapter with ``peft.inject_adapter_in_model`` and then loads the weights with its own key mapping, which a
+    tuner cannot see; the only trace it leaves is the call stack.
+    """
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if (
+            frame.f_code.co_name == "load_adapter"
+            and frame.f_globals.get("__name__") == "transformers.integrations.peft"
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def move_adapter_to_base_layer(layer: BaseTunerLayer, adapter_name: str) -> None:
+    """Put an adapter's weights of ``layer`` on the base layer's device and float dtype, as PEFT does for its own.
+
+    PEFT then upcasts them to float32 unless ``autocast_adapter_dtype=False``.
+    """
+    layer._move_adapter_to_device_of_base_layer(adapter_name)
 
 
 def check_adapters_not_merged(model: torch.nn.Module, adapter_names: str | Iterable[str]) -> None:

@@ -91,6 +91,33 @@ class InfoSteerConfig(PeftConfig):
             )
         },
     )
+    flux_target_rise: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Ask for a mean flux instead of a fixed lambda: this much above the flux of the first optimizer step "
+                "(e.g. 0.01). Lambda then starts at `entropy_weight` and follows the target once per optimizer step "
+                "(peft_infosteer.target), up to `max_entropy_weight`."
+            )
+        },
+    )
+    flux_target: float | None = field(
+        default=None,
+        metadata={"help": "An absolute mean-flux target in (0, 1), instead of `flux_target_rise`."},
+    )
+    flux_target_rate: float = field(
+        default=0.2,
+        metadata={
+            "help": (
+                "Largest change of log(lambda) per optimizer step when following a flux target (reached at a gap of "
+                "0.01 flux): lambda moves by at most a factor exp(rate) per step."
+            )
+        },
+    )
+    max_entropy_weight: float = field(
+        default=1e4,
+        metadata={"help": "Cap of lambda when following a flux target; reaching it warns once (target out of reach)."},
+    )
     usage: Literal["abs", "softmax"] = field(
         default="abs",
         metadata={"help": "Usage distribution over memories: 'abs' (|k_i| / sum |k|) or 'softmax' (softmax(k / tau))."},
@@ -112,6 +139,16 @@ class InfoSteerConfig(PeftConfig):
     flatten_strength: float = field(
         default=0.2,
         metadata={"help": "Mixing strength alpha in [0, 1] of 'flatten' (default from the SmolLM2 dev-set sweep)."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Initialise the adapter as the identity (gains at 1, a stacked LoRA with its own default init). False "
+                "draws the gains from U(0.5, 1.5) and the stacked LoRA with init_lora_weights=False: for tests only, "
+                "as PEFT's `init_weights` of other methods."
+            )
+        },
     )
     lora: LoraConfig | dict | None = field(
         default=None,
@@ -165,6 +202,23 @@ class InfoSteerConfig(PeftConfig):
         """Check every InfoSteer field; raise ``ValueError`` naming the field and the allowed values."""
         if not _is_number(self.entropy_weight) or not math.isfinite(self.entropy_weight) or self.entropy_weight < 0:
             raise ValueError(f"entropy_weight must be a finite number >= 0, got {self.entropy_weight!r}")
+        if self.flux_target_rise is not None and self.flux_target is not None:
+            raise ValueError("set flux_target_rise or flux_target, not both")
+        rise = self.flux_target_rise
+        if rise is not None and (not _is_number(rise) or not math.isfinite(rise) or rise <= 0):
+            raise ValueError(f"flux_target_rise must be a finite number > 0, got {rise!r}")
+        if self.flux_target is not None and (not _is_number(self.flux_target) or not 0 < self.flux_target < 1):
+            raise ValueError(f"flux_target must be a number in (0, 1), got {self.flux_target!r}")
+        if not _is_number(self.flux_target_rate) or not 0 < self.flux_target_rate <= 5:
+            raise ValueError(f"flux_target_rate must be a number in (0, 5], got {self.flux_target_rate!r}")
+        cap = self.max_entropy_weight
+        if not _is_number(cap) or not math.isfinite(cap) or cap <= 0:
+            raise ValueError(f"max_entropy_weight must be a finite number > 0, got {cap!r}")
+        if self.has_flux_target and not 0 < self.entropy_weight <= cap:
+            raise ValueError(
+                f"with a flux target, entropy_weight is where lambda starts: it must be in (0, max_entropy_weight="
+                f"{cap:g}], got {self.entropy_weight!r}"
+            )
         if self.usage not in ("abs", "softmax"):
             raise ValueError(f"usage must be one of ('abs', 'softmax'), got {self.usage!r}")
         if (
@@ -177,6 +231,8 @@ class InfoSteerConfig(PeftConfig):
             raise ValueError(f"intervention must be one of {INTERVENTIONS}, got {self.intervention!r}")
         if not _is_number(self.flatten_strength) or not 0.0 <= self.flatten_strength <= 1.0:
             raise ValueError(f"flatten_strength must be a number in [0, 1], got {self.flatten_strength!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
         if self.lora is not None and not isinstance(self.lora, LoraConfig):
             raise ValueError(
                 f"lora must be a peft.LoraConfig (or its dict form) or None, got {type(self.lora).__name__}"
@@ -187,6 +243,11 @@ class InfoSteerConfig(PeftConfig):
             raise ValueError(
                 f"target_modules must be a list of module names, a regex string or None, got {self.target_modules!r}"
             )
+
+    @property
+    def has_flux_target(self) -> bool:
+        """Whether lambda follows a flux target (``flux_target_rise`` or ``flux_target``) instead of staying fixed."""
+        return self.flux_target_rise is not None or self.flux_target is not None
 
     @property
     def is_mergeable(self) -> bool:

@@ -1,7 +1,9 @@
 """Model cards for InfoSteer adapters: say how to load them, list their settings, tag them.
 
-PEFT does not know INFOSTEER, so anyone who downloads an InfoSteer adapter needs ``pip install peft-infosteer`` and
-``import peft_infosteer`` before loading it. The card says so. Two places write a ``README.md``:
+PEFT does not ship INFOSTEER, so anyone who downloads an InfoSteer adapter needs ``pip install peft-infosteer``; with
+the package installed, its start-up hook registers the method whenever ``peft`` is imported, so PEFT, transformers
+and lm-evaluation-harness load the adapter with no import in user code. The card says so. Two places write a
+``README.md``:
 
 - ``PeftModel.save_pretrained`` calls ``PeftModel.create_or_update_model_card(save_directory)``;
 - ``PeftModel.push_to_hub`` (transformers' ``PushToHubMixin``) saves, then *overwrites* ``README.md`` with the card
@@ -99,14 +101,16 @@ def model_card_section(peft_model: Any, repo_id: str | None = None) -> str:
         "",
         f"This is an **InfoSteer** adapter ([paper]({_PAPER})): it steers how the model uses its FFN key-value "
         "memories, optionally stacked with LoRA, as a PEFT method. PEFT itself does not ship InfoSteer, so loading "
-        "this adapter needs the `peft-infosteer` plugin:",
+        "this adapter needs the `peft-infosteer` plugin installed:",
         "",
         "```bash",
         "pip install peft-infosteer",
         "```",
         "",
+        "With it installed, PEFT knows the method as soon as `peft` is imported (a start-up hook of the package "
+        "registers it), so the usual loaders work as they are, lm-evaluation-harness's `peft=` argument included:",
+        "",
         "```python",
-        "import peft_infosteer  # registers the INFOSTEER method with PEFT: import it before loading",
         "from peft import AutoPeftModelForCausalLM",
         "",
         f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")',
@@ -119,7 +123,15 @@ def model_card_section(peft_model: Any, repo_id: str | None = None) -> str:
         f'model = PeftModel.from_pretrained(base, "{where}")',
         "```",
         "",
-        "Without `import peft_infosteer`, PEFT fails with `KeyError: 'INFOSTEER'`.",
+        "Without the package PEFT fails with `KeyError: 'INFOSTEER'`; so it does where the start-up hook cannot run "
+        "(`python -S`, `PEFT_INFOSTEER_AUTOLOAD=0`): add `import peft_infosteer` before loading there. "
+        + (
+            "This adapter stacks LoRA, so load it with `PeftModel` or `AutoPeftModelForCausalLM` as above: "
+            "transformers' own adapter loading (`pipeline(model=<this repo>)`, `model.load_adapter`) cannot load the "
+            "stacked LoRA and refuses it."
+            if any(c.lora is not None for c in configs.values())
+            else "transformers' own adapter loading (`pipeline(model=<this repo>)`, `model.load_adapter`) works too."
+        ),
         "",
         "### InfoSteer settings",
         "",

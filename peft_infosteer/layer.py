@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._compat import base_layer_device
+from ._compat import move_adapter_to_base_layer
 from .config import InfoSteerConfig
 from .ops import flatten_keys, gain_keys
 from .regularizer import FluxTracker
@@ -52,26 +52,34 @@ def _features(layer: nn.Module) -> tuple[int, int]:
     return int(in_features), int(out_features)
 
 
-def _restore_float32(adapter_name: str, gain: nn.Parameter) -> None:
-    """Put a trainable gain back into float32 (same Parameter object, so optimizers keep their reference).
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _restore_dtype(layer: InfoSteerLayer, adapter_name: str, gain: nn.Parameter) -> None:
+    """Put a trainable gain back into the dtype it was given (same Parameter object: optimizers keep their reference).
 
     TRL casts every trainable parameter to bfloat16 on quantized bases, and ``model.to(torch.bfloat16)`` casts the
     gains too; in bfloat16 a gain near 1 cannot take small updates, so training would silently freeze it.
     """
+    wanted = layer.gain_dtypes.setdefault(adapter_name, gain.dtype)
+    if gain.dtype == wanted:
+        return
     warnings.warn(
-        f"InfoSteer gain of adapter {adapter_name!r} was cast to {gain.dtype}; training it in float32 instead "
+        f"InfoSteer gain of adapter {adapter_name!r} was cast to {_name(gain.dtype)}; training it in {_name(wanted)} "
+        "instead "
         "(bfloat16 cannot represent small updates of a gain near 1).",
         UserWarning,
         stacklevel=4,
     )
-    gain.data = gain.data.float()
+    gain.data = gain.data.to(wanted)
 
 
 class InfoSteerLayer(BaseTunerLayer):
     """Mixin with the InfoSteer state of one wrapped output projection (PEFT tuner-layer conventions)."""
 
     adapter_layer_names = ("infosteer_gain",)
-    other_param_names = ("infosteer_settings",)
+    other_param_names = ("infosteer_settings", "gain_dtypes")
 
     def __init__(self, base_layer: nn.Module, tracker: FluxTracker | None = None) -> None:
         self.base_layer = base_layer
@@ -79,6 +87,8 @@ class InfoSteerLayer(BaseTunerLayer):
         self.infosteer_settings: dict[str, SteerSettings] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        # the dtype each gain was given (float32 unless autocast_adapter_dtype=False): restored if something casts it
+        self.gain_dtypes: dict[str, torch.dtype] = {}
         # plain attribute, not a submodule: shared by all layers of one model and never saved
         self.flux_tracker = tracker
         self.in_features, self.out_features = _features(self.get_base_layer())
@@ -86,15 +96,17 @@ class InfoSteerLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: InfoSteerConfig, **kwargs: Any) -> None:
         """Add (or replace) ``adapter_name`` on this layer; a gain starts at 1 so the layer is the identity.
 
-        Gains are float32 whatever the base dtype and ``autocast_adapter_dtype``: they are one number per key
-        coefficient and sit close to 1, where bfloat16 (spacing 2**-7) cannot represent the updates of training.
+        Like every PEFT adapter weight, the gain takes the base layer's device and dtype here and PEFT upcasts it to
+        float32 unless ``autocast_adapter_dtype=False`` (which keeps a bfloat16 base's gains in bfloat16, where a gain
+        near 1 cannot take small updates: a warning says so).
         """
         self.infosteer_settings[adapter_name] = SteerSettings.from_config(config)
         if config.intervention == "gain":
-            device = base_layer_device(self, self.get_base_layer())
-            self.infosteer_gain[adapter_name] = nn.Parameter(
-                torch.ones(self.in_features, dtype=torch.float32, device=device)
-            )
+            gain = torch.ones(self.in_features, dtype=torch.float32)
+            if not config.init_weights:  # PEFT's testing convention: a non-identity start
+                gain = torch.empty_like(gain).uniform_(0.5, 1.5)
+            self.infosteer_gain[adapter_name] = nn.Parameter(gain)
+            move_adapter_to_base_layer(self, adapter_name)
         elif adapter_name in self.infosteer_gain:
             del self.infosteer_gain[adapter_name]
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -119,13 +131,20 @@ class InfoSteerLayer(BaseTunerLayer):
         shape = (-1, 1) if isinstance(base, Conv1D) else (1, -1)
         merged = (weight.data.float() * g.to(weight.device).reshape(shape)).to(weight.dtype)
         if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"NaNs or infs in the merged weights; adapter {adapter!r} seems to be broken")
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         weight.data = merged
+
+    def _scale_merged_gains(self, inverse: bool) -> None:
+        names = [n for n in self.merged_adapters if n in self.infosteer_gain]
+        for name in reversed(names) if inverse else names:
+            self._scale_input_columns(self.infosteer_gain[name], inverse, False, name)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the gain (and a nested LoRA) into the output projection's weight.
 
-        The nested LoRA is merged first because the gain scales its input too: ``(W + BA) diag(g)``.
+        The nested LoRA is merged first because the gain scales its input too: ``(W + BA) diag(g)``. Gains merged
+        earlier are divided out while a later adapter's LoRA is merged, so that sequential merges equal one merge of
+        all: ``(W + B1 A1 + B2 A2) diag(g1 g2)``.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
@@ -139,7 +158,9 @@ class InfoSteerLayer(BaseTunerLayer):
                     "intervention='gain' or 'none' if you need a mergeable adapter."
                 )
         if isinstance(self.base_layer, BaseTunerLayer):
+            self._scale_merged_gains(inverse=True)
             self.base_layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            self._scale_merged_gains(inverse=False)
         for name in adapter_names:
             if name not in self.infosteer_settings:
                 continue
@@ -161,25 +182,22 @@ class InfoSteerLayer(BaseTunerLayer):
 
     # ---- forward ---------------------------------------------------------------------------------------------
 
+    def _unmerged_active(self) -> list[str]:
+        return [n for n in self.active_adapters if n in self.infosteer_settings and n not in self.merged_adapters]
+
     @property
     def steering(self) -> bool:
-        """Whether this layer steers in the next forward: an active InfoSteer adapter, not merged, not disabled."""
-        return (
-            not self.disable_adapters
-            and not self.merged
-            and any(name in self.infosteer_settings for name in self.active_adapters)
-        )
+        """Whether this layer steers in the next forward: an active, unmerged InfoSteer adapter, adapters enabled."""
+        return not self.disable_adapters and bool(self._unmerged_active())
 
     def steer(self, k: torch.Tensor) -> torch.Tensor:
-        """Apply the active adapters' interventions to the key coefficients ``k``."""
-        for name in self.active_adapters:
-            settings = self.infosteer_settings.get(name)
-            if settings is None:
-                continue
+        """Apply the interventions of the active adapters that are not merged to the key coefficients ``k``."""
+        for name in self._unmerged_active():
+            settings = self.infosteer_settings[name]
             if settings.intervention == "gain":
                 gain = self.infosteer_gain[name]
-                if gain.dtype != torch.float32 and gain.requires_grad and torch.is_grad_enabled():
-                    _restore_float32(name, gain)
+                if gain.requires_grad and torch.is_grad_enabled():
+                    _restore_dtype(self, name, gain)
                 k = gain_keys(k, gain)
             elif settings.intervention == "flatten":
                 k = flatten_keys(k, settings.flatten_strength)
@@ -211,11 +229,12 @@ class Linear(nn.Module, InfoSteerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged:  # the gain is folded into the weights; the keys seen here are not what the weights see
+        unmerged = self._unmerged_active()
+        if not unmerged:  # nothing to steer, or merged gains: the keys seen here are not what the weights see
             return self.base_layer(x, *args, **kwargs)
         x = self.steer(x)
-        settings = self.infosteer_settings.get(self.active_adapters[0]) if self.active_adapters else None
-        if settings is not None and self.flux_tracker is not None:
+        settings = self.infosteer_settings[unmerged[0]]
+        if self.flux_tracker is not None and not self.merged:
             x = self.flux_tracker.track(x, settings.usage, settings.usage_temperature)
         return self.base_layer(x, *args, **kwargs)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .model import InfoSteerModel
 
-__all__ = ["find_infosteer_model", "infosteer_loss", "last_flux", "track_flux"]
+__all__ = ["find_infosteer_model", "infosteer_loss", "last_flux", "step_flux_target", "track_flux"]
 
 
 def _unwrap(model: Any) -> Any:
@@ -91,6 +91,20 @@ def infosteer_loss(model: Any) -> torch.Tensor:
     if mean is None:
         return torch.zeros((), dtype=torch.float32, device=tracker.weight.device)
     return (-tracker.weight.to(mean.device) * torch.nan_to_num(mean, nan=0.0)).detach()
+
+
+def step_flux_target(model: Any) -> None:
+    """Update lambda of a flux-target adapter from the optimizer step that just ended (once per parameter update).
+
+    Any ``torch.optim`` optimizer does this by itself after ``optimizer.step()``; call it only in a loop that updates
+    the parameters some other way. A no-op for adapters with a fixed ``entropy_weight``.
+
+    >>> import peft_infosteer
+    >>> # loss.backward(); my_update(params); peft_infosteer.step_flux_target(peft_model)
+    """
+    target = find_infosteer_model(model).flux_target
+    if target is not None:
+        target.step()
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,15 +16,26 @@ from peft.tuners.tuners_utils import delete_adapter as _delete_adapter
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from ._compat import check_adapters_not_merged
+from ._compat import check_adapters_not_merged, transformers_is_loading_an_adapter
 from ._registration import PREFIX
 from .architectures import default_target_modules
 from .config import InfoSteerConfig
 from .layer import InfoSteerLayer, Linear
 from .regularizer import FluxTracker
+from .target import FluxTarget
 from .validation import check_adapter_state_dict, explain_unmatched_targets
 
 __all__ = ["InfoSteerModel"]
+
+
+_TRANSFORMERS_CANNOT_LOAD_STACKED_LORA = (
+    "This InfoSteer adapter stacks LoRA, which transformers' own adapter loading (pipeline(model=<adapter dir>), "
+    "model.load_adapter(<dir>), AutoModelForCausalLM.from_pretrained(<adapter dir>)) cannot load: it renames only the "
+    "weight keys that carry the method's prefix ('infosteer_'), so the stacked LoRA would silently keep its initial "
+    "weights. Load it with peft.PeftModel.from_pretrained(base_model, path) or "
+    "peft.AutoPeftModelForCausalLM.from_pretrained(path) (then pipeline('text-generation', model=peft_model, "
+    "tokenizer=tokenizer)). InfoSteer adapters without `lora` load either way."
+)
 
 
 def _infosteer(config: PeftConfig | None) -> InfoSteerConfig:
@@ -83,6 +95,22 @@ class InfoSteerModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = InfoSteerLayer
 
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig | dict[str, PeftConfig],
+        adapter_name: str,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        # transformers' own adapter support (pipeline(model=<adapter dir>), load_adapter, from_pretrained of an adapter
+        # directory) injects through peft.inject_adapter_in_model and then loads the weights with its own key mapping,
+        # which renames only keys with the method's prefix: a stacked LoRA would keep its initial weights
+        lora = peft_config.lora if isinstance(peft_config, InfoSteerConfig) else None
+        if lora is not None and transformers_is_loading_an_adapter():
+            raise ValueError(_TRANSFORMERS_CANNOT_LOAD_STACKED_LORA)
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
     # ---- the tracker shared with the steering layers ----------------------------------------------------------
 
     @property
@@ -101,10 +129,36 @@ class InfoSteerModel(BaseTuner):
             self.__dict__["_steering_layers_cache"] = layers
         return layers
 
+    @property
+    def flux_target(self) -> FluxTarget | None:
+        """The lambda controller of the active adapter when it has a flux target (``None`` for a fixed lambda)."""
+        targets: dict[str, FluxTarget] = self.__dict__.setdefault("_flux_targets", {})
+        name = self.active_adapters[0] if self.active_adapters else None
+        return targets.get(name) if name is not None else None
+
     def _sync_tracker(self) -> None:
         """Point the tracker at the active adapter's regularizer weight (after injection, activation, deletion)."""
         self.__dict__.pop("_steering_layers_cache", None)
+        targets: dict[str, FluxTarget] = self.__dict__.setdefault("_flux_targets", {})
+        for name in [n for n in targets if n not in self.peft_config]:
+            targets.pop(name).close()
         config = self.peft_config.get(self.active_adapters[0]) if self.active_adapters else None
+        for target in targets.values():  # only the active adapter's target follows optimizer steps
+            target.close()
+        if isinstance(config, InfoSteerConfig) and config.has_flux_target:
+            name = self.active_adapters[0]
+            if name in targets:
+                targets[name].resume()
+            else:
+                targets[name] = FluxTarget(
+                    self.flux_tracker,
+                    rise=config.flux_target_rise,
+                    absolute=config.flux_target,
+                    start_weight=float(config.entropy_weight),
+                    rate=float(config.flux_target_rate),
+                    max_weight=float(config.max_entropy_weight),
+                )
+            return
         weight = float(config.entropy_weight) if isinstance(config, InfoSteerConfig) else 0.0
         self.flux_tracker.set_weight(weight, regularizing=weight > 0)
 
@@ -136,9 +190,10 @@ class InfoSteerModel(BaseTuner):
         try:  # PEFT's bare "target modules not found" becomes an error that says what went wrong
             if isinstance(config.lora, LoraConfig):  # InfoSteerConfig turns the dict form into a LoraConfig
                 config.lora.inference_mode = config.inference_mode
+                lora = config.lora if config.init_weights else dataclasses.replace(config.lora, init_lora_weights=False)
                 lora_state = None if state_dict is None else {k: v for k, v in state_dict.items() if ".lora_" in k}
                 with _peft_config_hidden(model):
-                    _LoraInjector(model, config.lora, adapter_name, low_cpu_mem_usage, state_dict=lora_state)
+                    _LoraInjector(model, lora, adapter_name, low_cpu_mem_usage, state_dict=lora_state)
             part = "InfoSteer"
             steer_state = None if state_dict is None else {k: v for k, v in state_dict.items() if self.prefix in k}
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, steer_state or None)
@@ -201,7 +256,36 @@ class InfoSteerModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's cast (float32 unless ``autocast_adapter_dtype=False``); then remember each gain's dtype, which the
+        layer restores if something casts the gain later (TRL on quantized bases, ``model.to(...)``)."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        low_precision = False
+        for layer in self._steering_layers():
+            gain = layer.infosteer_gain[adapter_name] if adapter_name in layer.infosteer_gain else None
+            if gain is not None:
+                layer.gain_dtypes[adapter_name] = gain.dtype
+                low_precision = low_precision or gain.dtype in (torch.bfloat16, torch.float16)
+        if low_precision and not _infosteer(self.peft_config[adapter_name]).inference_mode:
+            warnings.warn(
+                f"InfoSteer adapter {adapter_name!r}: autocast_adapter_dtype=False keeps its gains in the base model's "
+                "half precision, where a gain near 1 cannot take small updates. Keep autocast_adapter_dtype=True "
+                "(the default) to train them in float32.",
+                UserWarning,
+                stacklevel=2,
+            )
+
     # ---- forward ---------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        # PeftModel.forward / generate enter this (when defined) before dropping `adapter_names` from the kwargs
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "InfoSteer does not support mixed adapter batches (adapter_names=...): every row would get the active "
+                "adapter. Run each adapter's rows in their own forward, after model.set_adapter(name)."
+            )
+        yield
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         # A pre-hook on the wrapped model, not InfoSteerModel.forward: a PeftModel without task_type calls the wrapped
@@ -228,6 +312,8 @@ class InfoSteerModel(BaseTuner):
         model: Any = super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
         for handle in self.__dict__.pop("_infosteer_hook_handles", ()):
             handle.remove()  # the plain model that is handed back must not call into this tuner
+        for target in self.__dict__.pop("_flux_targets", {}).values():
+            target.close()
         self.__dict__.pop("_steering_layers_cache", None)
         return model
 

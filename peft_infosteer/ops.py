@@ -74,9 +74,8 @@ def information_flux(k: torch.Tensor, usage: str = "abs", temperature: float = 1
     return (0.0 - plogp.sum(dim=-1)) / math.log(d)  # 0 - x, not -x: a one-hot row gives +0, not -0
 
 
-def _row_chunks(rows: int, d: int) -> range:
-    step = max(1, _CHUNK_ELEMENTS // max(d, 1))
-    return range(0, rows, step)
+def _rows_per_chunk(d: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(d, 1))
 
 
 class _FusedFlux(torch.autograd.Function):
@@ -93,7 +92,7 @@ class _FusedFlux(torch.autograd.Function):
         scale = torch.ones(n, dtype=torch.float32, device=k.device)
         norm = torch.ones(n, dtype=torch.float32, device=k.device)
         log_d = math.log(d) if d > 1 else 1.0
-        step = _row_chunks(n, d).step
+        step = _rows_per_chunk(d)
         for start in range(0, n, step):
             x = rows[start : start + step].float()
             if softmax:
@@ -133,7 +132,7 @@ class _FusedFlux(torch.autograd.Function):
         g = grad_flux.reshape(-1).to(torch.float64)
         grad = torch.empty_like(rows)
         out_max = torch.finfo(k.dtype).max if k.dtype.is_floating_point else None
-        step = _row_chunks(rows.shape[0], d).step
+        step = _rows_per_chunk(d)
         for start in range(0, rows.shape[0], step):
             sl = slice(start, start + step)
             x = rows[sl].float()
@@ -199,7 +198,7 @@ class _Gain(torch.autograd.Function):
             d = k.shape[-1]
             grad_gain = torch.zeros(d, dtype=torch.float32, device=k.device)
             go, kk = grad_out.reshape(-1, d), k.reshape(-1, d)
-            step = _row_chunks(go.shape[0], d).step
+            step = _rows_per_chunk(d)
             for start in range(0, go.shape[0], step):
                 grad_gain += (go[start : start + step].float() * kk[start : start + step].float()).sum(0)
             grad_gain = grad_gain.to(gain.dtype)

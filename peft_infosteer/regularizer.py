@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +208,8 @@ class FluxTracker:
         self._active: ForwardFlux | None = None
         self._training: ForwardFlux | None = None
         self._window: dict[str, torch.Tensor] = {}
+        #: called with the totals of every training forward (the flux target's step window)
+        self.observers: list[Callable[[torch.Tensor], None]] = []
         self._warned_order = False
 
     # ---- configuration (the model) ---------------------------------------------------------------------------
@@ -329,6 +332,9 @@ class FluxTracker:
         self.last = state.totals
         mode = _TRAIN if state.with_grad else _EVAL
         self._window[mode] = stats if mode not in self._window else self._window[mode] + stats
+        if state.with_grad:
+            for observe in self.observers:
+                observe(stats)
 
     def _warn_order(self) -> None:
         if self._warned_order:

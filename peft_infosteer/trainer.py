@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from ._compat import add_callback_first, set_trainer_tags
 from .checkpoints import last_complete_checkpoint
@@ -47,8 +48,12 @@ def _sum_over_ranks(totals: torch.Tensor) -> torch.Tensor:
     return totals
 
 
-class InfoSteerCallback(TrainerCallback):
+class InfoSteerCallback(TrainerCallback, ExportableState):
     """Log ``infosteer/flux`` and ``infosteer/loss`` (and their ``eval_`` forms) for any transformers/TRL trainer.
+
+    With a flux target it also logs ``infosteer/lambda`` and ``infosteer/flux_target``, and keeps lambda and the
+    starting flux in the trainer's checkpoints (``trainer_state.json``), so that ``resume_from_checkpoint`` continues
+    exactly where the run stopped.
 
     ``transformers.Trainer`` calls its reporting integrations (TensorBoard, W&B, ...) before the callbacks passed in
     ``callbacks=[...]``, so attach it with :meth:`attach` for them to see the metrics too:
@@ -75,11 +80,36 @@ class InfoSteerCallback(TrainerCallback):
         if tuner is not None:
             tuner.flux_tracker.measure = True
 
+    def __init__(self) -> None:
+        self._model: Any = None  # for state(), which the trainer calls without arguments
+        self._resumed = False
+
+    def state(self) -> dict[str, Any]:
+        """The flux target's training state (lambda, starting flux), saved with each checkpoint."""
+        tuner = _find_tuner(self._model)
+        target = tuner.flux_target if tuner is not None else None
+        return {"args": {}, "attributes": {"flux_target": None if target is None else target.state_dict()}}
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._model = model
+        self._resumed = False
         tuner = _find_tuner(model)
         if tuner is not None:
             tuner.flux_tracker.measure = True
             tuner.flux_tracker.take_window(_TRAIN)  # forwards made before training are not part of it
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        # Resuming: the trainer loads trainer_state.json after on_train_begin, so the first step of a resumed run is
+        # where lambda and the starting flux saved by state() come back
+        if self._resumed or state.global_step == 0:
+            return
+        self._resumed = True
+        tuner = _find_tuner(model)
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        saved = saved[-1] if isinstance(saved, list) and saved else saved
+        target_state = saved.get("attributes", {}).get("flux_target") if isinstance(saved, dict) else None
+        if tuner is not None and tuner.flux_target is not None and target_state is not None:
+            tuner.flux_target.load_state_dict(target_state)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         tuner = _find_tuner(model)
@@ -104,6 +134,11 @@ class InfoSteerCallback(TrainerCallback):
         prefix = "eval_" if mode == _EVAL else ""
         flux = flux_sum / count
         added = {f"{prefix}infosteer/flux": flux, f"{prefix}infosteer/loss": -float(tracker.weight) * flux}
+        target = tuner.flux_target
+        if target is not None and mode == _TRAIN:
+            added["infosteer/lambda"] = target.weight
+            if target.target is not None:
+                added["infosteer/flux_target"] = target.target
         logs.update(added)
         # Trainer.log stored a copy of `logs` in the history before calling the callbacks
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

@@ -47,10 +47,26 @@ def test_add_enum_member():
     assert _compat.add_enum_member(Color, "BLUE") is member
 
 
-def test_base_layer_device(tiny):
-    model = get_peft_model(tiny("llama"), InfoSteerConfig())
+def test_move_adapter_to_base_layer(tiny):
+    model = get_peft_model(tiny("llama").to(torch.bfloat16), InfoSteerConfig(), autocast_adapter_dtype=False)
     layer = next(m for m in model.modules() if isinstance(m, InfoSteerLayer))
-    assert _compat.base_layer_device(layer, layer.get_base_layer()) == torch.device("cpu")
+    layer.infosteer_gain["default"].data = layer.infosteer_gain["default"].data.float()
+    _compat.move_adapter_to_base_layer(layer, "default")
+    assert layer.infosteer_gain["default"].dtype == torch.bfloat16  # the base layer's dtype
+
+
+def test_transformers_is_loading_an_adapter():
+    assert not _compat.transformers_is_loading_an_adapter()
+    import transformers.integrations.peft as integration
+
+    namespace = {"__name__": integration.__name__, "probe": _compat.transformers_is_loading_an_adapter}
+    exec("def load_adapter():\n    return probe()", namespace)  # a frame that looks like transformers' own
+    assert namespace["load_adapter"]()
+
+
+def test_called_on_the_tuner_by_peft():
+    source = inspect.getsource(PeftModel)
+    assert all(f"base_model.{name}" in source for name in _compat.CALLED_ON_THE_TUNER_BY_PEFT)
 
 
 def test_check_adapters_not_merged(tiny):

@@ -167,6 +167,63 @@ def test_ddp_with_a_plain_sft_trainer_matches_one_process(tmp_path):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
 
 
+_TARGET_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch.distributed as dist
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    import peft_infosteer
+    from peft_infosteer import InfoSteerConfig, InfoSteerSFTTrainer
+
+    model_dir, data, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    args = SFTConfig(
+        output_dir=out, max_steps=3, per_device_train_batch_size=batch, optim="sgd", learning_rate=0.5,
+        lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, report_to=[], save_strategy="no",
+        use_cpu=True, bf16=False, max_length=48, seed=0, dataloader_num_workers=0,
+    )
+    lora = LoraConfig(r=2, lora_dropout=0.0, target_modules="all-linear")
+    trainer = InfoSteerSFTTrainer(
+        model=model_dir, args=args, train_dataset=load_dataset("json", data_files=data)["train"],
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        peft_config=InfoSteerConfig(flux_target_rise=0.01, entropy_weight=10.0, lora=lora),
+    )
+    trainer.train()
+    target = peft_infosteer.find_infosteer_model(trainer.model).flux_target
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    line = f"TARGET rank={{rank}} start={{target.flux_start!r}} weight={{target.weight!r}} steps={{target.steps}}"
+    print(line, flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_flux_target_is_identical_on_every_rank_and_matches_one_process(tmp_path):
+    model_dir, data = write_sft_assets(tmp_path)
+    script = tmp_path / "target.py"
+    script.write_text(_TARGET_SCRIPT.format())
+    results = {}
+    for processes, batch in ((2, 2), (1, 4)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        cmd += ["--master_port", str(_free_port()), str(script), str(model_dir), str(data), str(tmp_path / "out")]
+        output = _run([*cmd, str(batch)])
+        number = r"[-+0-9.eE]+"
+        found = re.findall(rf"TARGET rank=(\d+) start=({number}) weight=({number}) steps=(\d+)", output)
+        assert len(found) == processes, output[-3000:]
+        results[processes] = {int(r): (float(s), float(w), int(n)) for r, s, w, n in found}
+    ranks = results[2]
+    assert ranks[0] == ranks[1]  # identical on every rank: the step window is summed over ranks
+    start, weight, steps = results[1][0]
+    assert steps == ranks[0][2] == 3 and weight != 10.0
+    assert ranks[0][0] == pytest.approx(start, rel=1e-5) and ranks[0][1] == pytest.approx(weight, rel=1e-4)
+
+
 _EPOCH_END_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -412,7 +469,8 @@ def _deepspeed_run(tmp_path, model_dir, data, name, stage, gc, entropy_weight=2.
     output = _run(
         [*cmd, str(script), str(model_dir), str(data), str(out), str(stage), gc], ENTROPY_WEIGHT=str(entropy_weight)
     )
-    results = [json.loads(line.split(" ", 1)[1]) for line in output.splitlines() if line.startswith("RESULT ")]
+    # the ranks share stdout: records may run together on one line, so find them anywhere (they hold no nested dict)
+    results = [json.loads(record) for record in re.findall(r"RESULT (\{[^{}]*\})", output)]
     assert len(results) == processes, output[-3000:]
     return results, load_file(out / "adapter.safetensors")
 

@@ -77,7 +77,7 @@ def _model(tiny, tmp_path, **config_kwargs):
 def _check_card(text: str, base: str, repo_id: str | None = None) -> ModelCard:
     card = ModelCard(text)
     assert "pip install peft-infosteer" in card.text
-    assert "\nimport peft_infosteer  # registers the INFOSTEER method" in card.text  # in the loading snippet
+    assert "a start-up hook of the package registers it" in card.text and "KeyError: 'INFOSTEER'" in card.text
     assert "This is an **InfoSteer** adapter" in card.text
     assert "AutoPeftModelForCausalLM.from_pretrained" in card.text and "PeftModel.from_pretrained" in card.text
     if repo_id is not None:

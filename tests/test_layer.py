@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -112,3 +114,12 @@ def test_low_precision_identity_at_init(tiny, dtype):
     model = get_peft_model(tiny("llama").to(dtype), config)
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, reference)
+
+
+def test_safe_merge_reports_nan_like_peft(tiny):
+    model = get_peft_model(tiny("llama"), InfoSteerConfig())
+    with torch.no_grad():
+        steering_layers(model)[0].infosteer_gain["default"][0] = float("nan")
+    message = "NaNs detected in the merged weights. The adapter default seems to be broken"  # PEFT's own words
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model.merge_adapter(safe_merge=True)

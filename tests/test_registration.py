@@ -22,7 +22,8 @@ TESTS_DIR = Path(__file__).parent
 def _run_scripts(*scripts: str, timeout: float = 120) -> list[str]:
     """Run Python scripts in fresh interpreters, concurrently; return their stdout, fail with their stderr."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    # the start-up hook off: these scripts control the order in which peft and the plugin are imported themselves
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PEFT_INFOSTEER_AUTOLOAD="0")
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(s)],

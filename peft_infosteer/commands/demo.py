@@ -28,11 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=20, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--train-examples", type=int, default=240, help="training examples (default: %(default)s)")
     parser.add_argument("--eval-examples", type=int, default=16, help="held-out examples (default: %(default)s)")
+    from ..config import INTERVENTIONS, InfoSteerConfig
+
+    defaults = InfoSteerConfig.__dataclass_fields__  # the same defaults as InfoSteerConfig
     parser.add_argument(
-        "--entropy-weight", type=float, default=100.0, help="lambda of the flux regularizer (default: %(default)s)"
+        "--entropy-weight",
+        type=float,
+        default=defaults["entropy_weight"].default,
+        help="lambda of the flux regularizer (default: %(default)s)",
     )
     parser.add_argument(
-        "--intervention", choices=("none", "gain", "flatten"), default="gain", help="forward intervention"
+        "--intervention",
+        choices=INTERVENTIONS,
+        default=defaults["intervention"].default,
+        help="forward intervention (default: %(default)s)",
     )
     parser.add_argument("--lora-r", type=int, default=8, help="rank of the stacked LoRA (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")

@@ -12,23 +12,57 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from ..config import Intervention
+from ..config import InfoSteerConfig, Intervention
 from ..ops import Usage
 
-__all__ = ["InfoSteerArguments", "build_infosteer_config", "load_sft_dataset", "make_parser", "run", "train"]
+__all__ = [
+    "InfoSteerArguments",
+    "build_infosteer_config",
+    "cpu_friendly",
+    "load_sft_dataset",
+    "make_parser",
+    "run",
+    "train",
+]
+
+
+def _default(name: str) -> Any:
+    """``InfoSteerConfig``'s default for ``name``: the command line and the TRL-style script use the same ones."""
+    return InfoSteerConfig.__dataclass_fields__[name].default
 
 
 @dataclass
 class InfoSteerArguments:
-    """InfoSteer settings for the SFT script (see ``InfoSteerConfig`` for their meaning)."""
+    """InfoSteer settings for the SFT script (see ``InfoSteerConfig`` for their meaning; same defaults)."""
 
     entropy_weight: float = field(
-        default=100.0, metadata={"help": "Weight lambda >= 0 of the flux regularizer (sweep choice with 'gain')."}
+        default=_default("entropy_weight"), metadata={"help": "Weight lambda >= 0 of the flux regularizer."}
     )
-    intervention: str = field(default="gain", metadata={"help": "Forward intervention: 'none', 'gain' or 'flatten'."})
-    flatten_strength: float = field(default=0.2, metadata={"help": "Strength in [0, 1] of 'flatten'."})
-    usage: str = field(default="abs", metadata={"help": "Usage distribution: 'abs' or 'softmax'."})
-    usage_temperature: float = field(default=1.0, metadata={"help": "Temperature of the softmax usage."})
+    intervention: str = field(
+        default=_default("intervention"), metadata={"help": "Forward intervention: 'gain', 'none' or 'flatten'."}
+    )
+    flatten_strength: float = field(
+        default=_default("flatten_strength"), metadata={"help": "Strength in [0, 1] of 'flatten'."}
+    )
+    flux_target_rise: float | None = field(
+        default=_default("flux_target_rise"),
+        metadata={
+            "help": "Follow a mean-flux target this far above the starting flux (lambda starts at entropy_weight)."
+        },
+    )
+    flux_target: float | None = field(
+        default=_default("flux_target"), metadata={"help": "An absolute mean-flux target in (0, 1)."}
+    )
+    flux_target_rate: float = field(
+        default=_default("flux_target_rate"), metadata={"help": "Largest change of log(lambda) per optimizer step."}
+    )
+    max_entropy_weight: float = field(
+        default=_default("max_entropy_weight"), metadata={"help": "Cap of lambda when following a flux target."}
+    )
+    usage: str = field(default=_default("usage"), metadata={"help": "Usage distribution: 'abs' or 'softmax'."})
+    usage_temperature: float = field(
+        default=_default("usage_temperature"), metadata={"help": "Temperature of the softmax usage."}
+    )
     infosteer_target_modules: list[str] | None = field(
         default=None, metadata={"help": "FFN output projections to steer (default: per architecture)."}
     )
@@ -51,6 +85,10 @@ def build_infosteer_config(model_args: Any, infosteer_args: InfoSteerArguments):
         entropy_weight=infosteer_args.entropy_weight,
         intervention=cast(Intervention, infosteer_args.intervention),  # InfoSteerConfig validates both
         flatten_strength=infosteer_args.flatten_strength,
+        flux_target_rise=infosteer_args.flux_target_rise,
+        flux_target=infosteer_args.flux_target,
+        flux_target_rate=infosteer_args.flux_target_rate,
+        max_entropy_weight=infosteer_args.max_entropy_weight,
         usage=cast(Usage, infosteer_args.usage),
         usage_temperature=infosteer_args.usage_temperature,
         target_modules=infosteer_args.infosteer_target_modules,
@@ -139,7 +177,28 @@ def train(script_args, training_args, model_args, dataset_args, infosteer_args) 
     return training_args.output_dir
 
 
+def cpu_friendly(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--bf16 False`` added where bf16 cannot run and the user did not ask for it.
+
+    TRL's ``SFTConfig`` turns bf16 on by default, and transformers refuses bf16 without a supporting GPU ("Your setup
+    doesn't support bf16/gpu"), so TRL's own script fails as written on a CPU machine. An explicit ``--bf16`` is left
+    as given.
+
+    >>> cpu_friendly(["--bf16", "True"])
+    ['--bf16', 'True']
+    """
+    argv = list(argv)
+    if any(a == "--bf16" or a.startswith("--bf16=") for a in argv):
+        return argv
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    if not is_torch_bf16_gpu_available():
+        print("peft-infosteer train: no GPU with bf16 here, training in float32 (pass --bf16 to choose)", flush=True)
+        argv += ["--bf16", "False"]
+    return argv
+
+
 def run(argv: Sequence[str]) -> int:
     """Entry point of ``peft-infosteer train``; ``argv`` are the flags after ``train``."""
-    train(*make_parser().parse_args_and_config(args=list(argv)))
+    train(*make_parser().parse_args_and_config(args=cpu_friendly(argv)))
     return 0
