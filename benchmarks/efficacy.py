@@ -7,6 +7,8 @@ chat-formatted examples; only the InfoSteer settings differ:
 - ``infosteer-entropy``: the same LoRA inside an ``InfoSteerConfig`` with the flux regularizer (``entropy_weight``).
 - ``infosteer-gain``: the ``gain`` intervention plus the regularizer (the gain gives it a direct lever).
 - ``infosteer-flatten``: the ``flatten`` forward intervention alone (``flatten_strength``, no regularizer).
+- ``infosteer-target``: ``gain`` plus a flux target (``flux_target_rise``): lambda starts at the package's default
+  ``entropy_weight`` and follows the target once per optimizer step (``peft_infosteer.target``).
 
 The InfoSteer hyper-parameters are chosen by a small sweep scored on the ID *dev* split (one seed); the chosen values
 are then trained with every seed and scored on the *test* split. Test documents are never trained on or used to
@@ -37,7 +39,9 @@ import torch
 
 ID_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "sciq")
 OOD_TASKS = ("piqa", "boolq", "hellaswag")
-METHODS = ("sft", "infosteer-entropy", "infosteer-gain", "infosteer-flatten")
+METHODS = ("sft", "infosteer-entropy", "infosteer-gain", "infosteer-flatten", "infosteer-target")
+# lambda of infosteer-target starts where a default InfoSteerConfig's does
+TARGET_START_WEIGHT = 100.0
 METRICS = ("acc", "acc_norm")
 PRIMARY = "acc_norm"
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
@@ -56,7 +60,13 @@ def method_params(method: str, chosen: dict[str, float]) -> dict[str, Any]:
         return {"intervention": "gain", "entropy_weight": chosen["gain_entropy_weight"]}
     if method == "infosteer-flatten":
         return {"intervention": "flatten", "flatten_strength": chosen["flatten_strength"], "entropy_weight": 0.0}
+    if method == "infosteer-target":
+        return target_params(chosen["target_rise"])
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def target_params(rise: float) -> dict[str, Any]:
+    return {"intervention": "gain", "entropy_weight": TARGET_START_WEIGHT, "flux_target_rise": rise}
 
 
 def build_peft_model(base: torch.nn.Module, params: dict[str, Any], args: argparse.Namespace, seed: int):
@@ -166,6 +176,10 @@ def train(model, examples, args: argparse.Namespace, seed: int, steps: int, pad_
         if steer:
             flux = peft_infosteer.last_flux(model)
             entry["flux"] = None if flux is None else round(flux, 5)
+            target = peft_infosteer.find_infosteer_model(model).flux_target
+            if target is not None:  # the optimizer step above has just updated lambda
+                entry["lambda"] = round(target.weight, 4)
+                entry["flux_target"] = None if target.target is None else round(target.target, 5)
         log.append(entry)
         if args.verbose and ((step + 1) % 10 == 0 or step + 1 == steps):
             print(f"    step {step + 1}/{steps} {entry} {time.perf_counter() - start:.0f}s", flush=True)
@@ -297,6 +311,8 @@ def _point_label(params: dict[str, Any]) -> str:
     """
     if not params:
         return "sft"
+    if params.get("flux_target_rise") is not None:
+        return f"target-r{params['flux_target_rise']:g}"
     if params["intervention"] == "flatten":
         return f"flatten-a{params['flatten_strength']:g}" + (
             f"-w{params['entropy_weight']:g}" if params.get("entropy_weight") else ""
@@ -436,6 +452,7 @@ def sweep_grid(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]
         ("infosteer-flatten", {"intervention": "flatten", "flatten_strength": a, "entropy_weight": 0.0})
         for a in args.sweep_flatten_strengths
     ]
+    points += [("infosteer-target", target_params(r)) for r in args.sweep_target_rises]
     return [(method, _point_label(params), params) for method, params in points]
 
 
@@ -469,12 +486,13 @@ def run_sweep(runner: Runner, args: argparse.Namespace) -> dict[str, Any]:
         )
     chosen: dict[str, float] = {}
     keys = {"infosteer-entropy": "entropy_weight", "infosteer-gain": "gain_entropy_weight"}
-    for method, key in [*keys.items(), ("infosteer-flatten", "flatten_strength")]:
+    params = {"infosteer-flatten": "flatten_strength", "infosteer-target": "flux_target_rise"}
+    for method, key in [*keys.items(), ("infosteer-flatten", "flatten_strength"), ("infosteer-target", "target_rise")]:
         cands = [p for p in points if p["method"] == method]
         if not cands:
             continue
         # ties go to the smaller value (the milder intervention)
-        param = "flatten_strength" if method == "infosteer-flatten" else "entropy_weight"
+        param = params.get(method, "entropy_weight")
         best = max(cands, key=lambda p: (round(p["dev"][PRIMARY], 6), -p["params"][param]))
         chosen[key] = best["params"][param]
     return {
@@ -711,10 +729,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-entropy-weights", type=_floats, default=[10.0, 100.0, 1000.0])
     p.add_argument("--sweep-gain-weights", type=_floats, default=[10.0, 100.0])
     p.add_argument("--sweep-flatten-strengths", type=_floats, default=[0.05, 0.2])
+    p.add_argument("--sweep-target-rises", type=_floats, default=[0.005, 0.01, 0.02])
     p.add_argument("--no-sweep", action="store_true", help="skip the sweep; use the values given below")
+    p.add_argument("--sweep-only", action="store_true", help="run (or report) the dev sweep, then stop")
     p.add_argument("--entropy-weight", type=float, default=None, help="override the swept value")
     p.add_argument("--gain-entropy-weight", type=float, default=None, help="override the swept value")
     p.add_argument("--flatten-strength", type=float, default=None, help="override the swept value")
+    p.add_argument("--target-rise", type=float, default=None, help="override the swept value")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(common.DTYPES), default="float32", help="autocast dtype for training")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -731,6 +752,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.test_size, args.ood_test_size, args.dev_size, args.flux_examples = 4, 4, 4, 8
         args.sweep_entropy_weights, args.sweep_gain_weights = [10.0], [10.0]
         args.sweep_flatten_strengths = [0.1]
+        args.sweep_target_rises = [0.01]
         args.bootstrap = 200
         args.threads = args.threads or 1  # small matrices: a second thread mostly waits (and spins when contended)
     if args.eval_tasks is None:
@@ -762,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args, model_dir, splits, run_dir)
 
     sweep = None
-    chosen = {"entropy_weight": 0.1, "gain_entropy_weight": 0.1, "flatten_strength": 0.1}
+    chosen = {"entropy_weight": 0.1, "gain_entropy_weight": 0.1, "flatten_strength": 0.1, "target_rise": 0.01}
     if not args.no_sweep:
         print("sweep (ID dev split)", flush=True)
         base_dev = runner.base_eval("dev")
@@ -770,10 +792,14 @@ def main(argv: list[str] | None = None) -> int:
         if base_dev is not None:
             sweep["base_dev"] = {m: dev_score(base_dev, m) for m in METRICS}
         chosen.update(sweep["chosen"])
-    for key in ("entropy_weight", "gain_entropy_weight", "flatten_strength"):
+    for key in ("entropy_weight", "gain_entropy_weight", "flatten_strength", "target_rise"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
     print(f"chosen hyper-parameters: {chosen}", flush=True)
+    if args.sweep_only:
+        for point in (sweep or {}).get("points", []):
+            print(f"  {point['label']}: dev {PRIMARY} {point['dev'][PRIMARY]:.4f}, flux {point['flux']}", flush=True)
+        return 0
 
     print("test runs", flush=True)
     base = runner.base_eval("test")

@@ -12,6 +12,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the eager closed-form math: deterministic and without compile time in every test process; test_compiled.py runs the
+# compiled path (the default for users) against it
+os.environ.setdefault("PEFT_INFOSTEER_COMPILE", "0")
+# inductor's compile workers cost more than they save on two cores
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # bitsandbytes prints a harmless notice when its optional CPU kernel package is absent
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 

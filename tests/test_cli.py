@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,20 @@ def test_train_then_merge_end_to_end(tmp_path, capsys):
     x = torch.randint(5, 100, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(plain(x).logits, adapter_model(x).logits, atol=1e-4, rtol=0)
+
+
+def test_train_follows_a_flux_target(tmp_path, capsys):
+    model_dir = save_tiny_model_with_tokenizer(tmp_path / "base")
+    out = tmp_path / "adapter"
+    code = cli.main(
+        [
+            "train", "--model_name_or_path", str(model_dir), "--dataset_name", str(_jsonl(tmp_path / "data.jsonl")),
+            "--output_dir", str(out), "--flux_target_rise", "0.01", "--entropy_weight", "10", *_TRAIN_FLAGS,
+        ]
+    )  # fmt: skip
+    assert code == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["flux_target_rise"], config["entropy_weight"], config["intervention"]) == (0.01, 10.0, "gain")
 
 
 def test_train_stacks_4bit_like_trl(tmp_path):
@@ -166,3 +181,24 @@ def test_demo_on_the_real_model(tmp_path, smollm2_dir, capsys):
     assert "mean information flux" in text
     assert (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "INFOSTEER"
+
+
+def test_defaults_agree_between_python_the_cli_the_example_and_the_demo():
+    import argparse
+    import dataclasses
+
+    from peft_infosteer import InfoSteerConfig
+    from peft_infosteer.commands import demo
+    from peft_infosteer.commands.train import InfoSteerArguments
+
+    config = {f.name: f.default for f in dataclasses.fields(InfoSteerConfig)}
+    script = {f.name: f.default for f in dataclasses.fields(InfoSteerArguments)}  # peft-infosteer train and examples/
+    for name in ("entropy_weight", "intervention", "flatten_strength", "usage", "usage_temperature",
+                 "flux_target_rise", "flux_target", "flux_target_rate", "max_entropy_weight"):  # fmt: skip
+        assert script[name] == config[name], name
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    demo_args = parser.parse_args([])
+    assert (demo_args.entropy_weight, demo_args.intervention) == (config["entropy_weight"], config["intervention"])
+    example = Path(__file__).resolve().parents[1] / "examples" / "sft_infosteer.py"
+    assert "InfoSteerArguments" in example.read_text()  # the TRL-style script parses the same dataclass

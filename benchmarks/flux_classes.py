@@ -1,0 +1,150 @@
+"""The paper's second claim, with trained adapters: does InfoSteer move flux toward content tokens, relative to SFT?
+
+On the same held-out texts, flux per token class (content, function, punctuation, number, operator) for the base
+model, LoRA SFT, InfoSteer with a fixed lambda (``infosteer-gain``, the dev sweep's choice) and InfoSteer with the
+flux target (``infosteer-target``), with the surprisal control of ``peft_infosteer.analysis``: paired differences
+against SFT, raw and after regressing out each token's surprisal.
+
+The adapters are the efficacy benchmark's seed-0 trainings of those methods (``efficacy.py``: same data, LoRA, steps,
+schedule); they are taken from its local cache under ``results/<name>/adapters/`` or trained again (deterministic).
+The texts are test documents of the ID tasks (never trained on, never used for a choice), question + gold answer as
+chat examples, as in training.
+
+    python benchmarks/flux_classes.py --model smollm2     # writes results/flux-classes/smollm2/
+    python benchmarks/flux_classes.py --model gemma3
+    python benchmarks/flux_classes.py --quick             # tiny run, for the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import common  # first: sets the offline environment before transformers is imported
+import efficacy
+import mc_eval
+import torch
+
+LABELS = {"sft": "SFT", "infosteer-gain": "InfoSteer fixed", "infosteer-target": "InfoSteer target"}
+CLASSES = ("content", "function", "punctuation", "number", "operator")
+
+
+def held_out_texts(runner: efficacy.Runner, args: argparse.Namespace, n: int) -> list[list[dict[str, str]]]:
+    """``n`` test documents of the ID tasks, round-robin over tasks, as chat examples (question, gold answer)."""
+    per_task = [runner.splits[t]["test"] for t in args.train_tasks]
+    docs = [d for group in zip(*per_task) for d in group][:n]
+    return [
+        [
+            {"role": "user", "content": mc_eval.chat_question(d["query"])},
+            {"role": "assistant", "content": d["choices"][d["gold"]]},
+        ]
+        for d in docs
+    ]
+
+
+def chosen_hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    results = json.loads((args.out / args.name / "results.json").read_text())
+    return results["chosen_hyperparameters"]
+
+
+def models(runner: efficacy.Runner, args: argparse.Namespace, chosen: dict[str, Any]):
+    """(label, model) for the base model and each method's seed-0 adapter, one at a time."""
+    yield "base", runner._base().eval()
+    for method, label in LABELS.items():
+        params = efficacy.method_params(method, chosen)
+        model, _ = runner.trained_model(efficacy._point_label(params), params, args.seed, args.steps)
+        yield label, model.eval()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--texts", type=int, default=80, help="held-out texts (test documents of the ID tasks)")
+    p.add_argument("--seed", type=int, default=0, help="the efficacy seed whose adapters are compared")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--quick", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    # the efficacy benchmark's settings (data, LoRA, steps, ...), so that its cached adapters are the ones used
+    eff = efficacy.parse_args(["--model", args.model, *(["--quick"] if args.quick else []), *rest])
+    for key, value in vars(args).items():
+        setattr(eff, key, value)
+    if args.quick:
+        eff.texts, eff.n_boot = 4, 50
+    eff.name_out = ("quick-" if args.quick else "") + eff.name.removeprefix("quick-")
+    return eff
+
+
+def main(argv: list[str] | None = None) -> int:
+    from peft_infosteer.analysis import compare_reports, measure_flux, plot_class_differences
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model_dir = common.resolve_model_dir(args.model)
+    splits = efficacy.load_splits(list(args.train_tasks), args)
+    runner = efficacy.Runner(args, model_dir, splits, args.out / args.name / "runs")
+    chosen = chosen_hyperparameters(args) if not args.quick else {"gain_entropy_weight": 10.0, "target_rise": 0.01}
+    texts = held_out_texts(runner, args, args.texts)
+    reports = []
+    for label, model in models(runner, args, chosen):
+        print(f"measuring {label}", flush=True)
+        reports.append(measure_flux(model, runner.tokenizer, texts, model_name=label, batch_size=8, progress=False))
+        del model
+    comparison = compare_reports(reports, reference="SFT", n_boot=args.n_boot)
+    out = args.out / "flux-classes" / args.name_out
+    out.mkdir(parents=True, exist_ok=True)
+    comparison.save_tables(out)
+    plot_class_differences(comparison.differences, path=out / "class_differences", title="Flux minus SFT's flux")
+    plot_class_differences(
+        comparison.residual_differences,
+        path=out / "class_differences_residual",
+        title="Flux minus SFT's flux, after regressing out surprisal",
+    )
+    summary = {
+        "model": args.model,
+        "texts": len(texts),
+        "seed": args.seed,
+        "adapters": {label: efficacy.method_params(m, chosen) for m, label in LABELS.items()},
+        "reference": "SFT",
+        "differences": _records(comparison.differences),
+        "residual_differences": _records(comparison.residual_differences),
+        "environment": common.environment_info(args.device),
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.md").write_text(markdown(summary))
+    print(markdown(summary))
+    return 0
+
+
+def _records(frame) -> list[dict[str, Any]]:
+    keep = frame[frame["token_class"].isin([*CLASSES, "all"])]
+    return json.loads(keep.to_json(orient="records"))
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        f"# Flux per token class, against SFT: {summary['model']}",
+        "",
+        f"{summary['texts']} held-out texts (ID test documents as chat examples), seed-{summary['seed']} adapters of "
+        "the efficacy benchmark. Paired by token, 95% bootstrap intervals over texts; `residual`: after regressing "
+        "out surprisal (per model, linear).",
+        "",
+        "| model | class | tokens | flux - SFT | residual flux - SFT |",
+        "|---|---|---|---|---|",
+    ]
+    residual = {(r["model"], r["token_class"]): r for r in summary["residual_differences"]}
+    for r in summary["differences"]:
+        res = residual.get((r["model"], r["token_class"]))
+        raw = f"{r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        adj = "" if res is None else f"{res['mean_diff']:+.4f} [{res['ci_low']:+.4f}, {res['ci_high']:+.4f}]"
+        lines.append(f"| {r['model']} | {r['token_class']} | {r['n_tokens']} | {raw} | {adj} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
