@@ -1,29 +1,51 @@
-"""What does InfoSteer cost? Training-step time and peak memory of LoRA SFT versus LoRA + each InfoSteer mode.
+"""What does InfoSteer cost? Training steps, the flux op alone, and generation, against plain LoRA.
 
-All modes train the same LoRA on the same batches; they are built once and stepped in interleaved order (mode A,
-B, C, ... then again, rotating the order each repeat), so that slow phases of a shared machine hit every mode alike.
-Ratios are taken per repeat against the LoRA step of the same repeat, then summarised by the median and the
-interquartile range.
+One run measures three things, each with interleaved repeats (every variant once per repeat, the order rotated each
+repeat, so that slow phases of a shared machine hit every variant alike) and ratios taken per repeat against the
+baseline of the same repeat, summarised by the median and the interquartile range:
 
-Peak memory:
+1. **Training step** (forward, backward, AdamW step) of each InfoSteer mode against plain LoRA SFT: the same LoRA
+   (r=16 on all linear layers, same initialisation) on the same fixed batches (random token ids, every token in the
+   loss). Modes: ``entropy`` (the regularizer alone), ``gain``, ``flatten`` (interventions alone), ``gain+entropy``.
+   Twice: **eager** (the model as it comes, the InfoSteer math compiled by ``peft_infosteer.ops`` as the package
+   does by default) against eager LoRA, and **compiled** (the whole training forward under ``torch.compile(model)``;
+   the backward is compiled with it) against compiled LoRA. An eager and a compiled variant of a mode share one model
+   and optimizer. ``entropy-closed-form`` is the eager ``entropy`` step with ``ops.set_compiled_math(False)``: the
+   eager closed-form functions instead of the compiled math, inside a real step.
+2. **The flux op alone** on one layer's keys ``[batch * seq, d_ff]``, forward + backward: the eager closed-form
+   function (``_closed_form.FusedFlux``), the same formula in plain autograd (``ops.information_flux``, the
+   baseline), the compiled path (``ops.fused_information_flux`` with compiled math) and plain autograd under
+   ``torch.compile``.
+3. **Generation**: greedy ``generate`` at batch 1 and 4, a fixed prompt length, exactly ``--new-tokens`` new tokens
+   (``min_new_tokens`` equal), under ``torch.no_grad()``: plain LoRA (unmerged), InfoSteer ``gain`` + LoRA unmerged
+   (``entropy_weight > 0`` in its config: inference must do no flux work, checked on the flux tracker) and that
+   InfoSteer model merged (``merge_and_unload()``). LoRA weights and gains are randomised first (LoRA B is 0 and
+   gains are 1 at initialisation), so that merged and unmerged do real work.
 
-- CUDA: ``torch.cuda.max_memory_allocated`` over one step (weights, optimizer state and activations).
+Everything (compiles included) is warmed up before timing; warm-up time is reported separately. Graphs compiled
+after the warm-up (in the timed and memory steps) are counted; they should be 0.
+
+Peak memory (parts 1 and 2):
+
+- CUDA: ``torch.cuda.max_memory_allocated`` over one step, minus what was allocated before.
 - CPU: the allocator's live bytes, followed through one step with ``torch.profiler`` (``profile_memory=True`` records
-  every allocation and free of PyTorch's CPU allocator); the peak of the step is added to the bytes held before the
-  step (parameters, buffers, gradients, optimizer state). This is the CPU analogue of ``max_memory_allocated`` and,
-  unlike the process RSS, is per mode even though all modes live in one process. The profiled step is separate from
-  the timed ones.
+  every allocation and free of PyTorch's CPU allocator); for a training step the peak is added to the bytes held
+  before the step (parameters, buffers, gradients, optimizer state). This is the CPU analogue of
+  ``max_memory_allocated`` and, unlike the process RSS, is per variant although all live in one process. The
+  profiled step is separate from the timed ones.
 
-The fused regularizer (closed-form backward, ``peft_infosteer.ops.fused_information_flux``) is compared with the same
-formula in plain autograd (``peft_infosteer.ops.information_flux``): inside a full training step (the ``entropy``
-mode with the plain-autograd flux swapped in) and on a single layer's key vectors.
-
-    python benchmarks/overhead.py                           # SmolLM2-135M, batch 4 x 512, CPU
-    python benchmarks/overhead.py --quick --json out.json   # tiny random model, < 60 s
-    python benchmarks/overhead.py --device cuda --dtype bfloat16 --load-in-4bit --name smollm2-cuda
+    python benchmarks/overhead.py --threads 1               # SmolLM2-135M, batch 4 x 512, CPU
+    python benchmarks/overhead.py --quick --json out.json   # tiny random model, < 60 s with a warm compile cache
+    python benchmarks/overhead.py --device cuda --dtype bfloat16 --load-in-4bit --name smollm2-cuda-4bit
 """
 
 from __future__ import annotations
+
+import os
+
+# inductor's parallel compile workers cost more than they save on a machine with few cores
+if (os.cpu_count() or 1) <= 4:
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import argparse
 import contextlib
@@ -31,117 +53,135 @@ import gc
 import json
 import sys
 import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common  # first: sets the offline environment before transformers is imported
+import common  # first of the project imports: sets the offline environment before transformers is imported
 import numpy as np
 import torch
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+PARTS = ("eager", "compiled", "op", "generation")
 
-# mode -> InfoSteer settings (None: plain LoRA); "entropy-naive" is "entropy" with the plain-autograd flux
+# mode -> InfoSteer settings (None: plain LoRA)
 MODES: dict[str, dict[str, Any] | None] = {
     "lora": None,
     "entropy": {"intervention": "none", "entropy_weight": 0.1},
     "gain": {"intervention": "gain", "entropy_weight": 0.0},
     "flatten": {"intervention": "flatten", "flatten_strength": 0.1, "entropy_weight": 0.0},
     "gain+entropy": {"intervention": "gain", "entropy_weight": 0.1},
-    "entropy-naive": {"intervention": "none", "entropy_weight": 0.1},
 }
-TARGETS = {"entropy": {"time": 1.10, "peak_memory": 1.05}, "gain": {"time": 1.05}, "flatten": {"time": 1.05}}
+CLOSED_FORM = "entropy-closed-form"  # the eager entropy step with ops.set_compiled_math(False)
+# median ratio to the LoRA step of the same kind (eager or compiled); the memory target is the peak-memory ratio
+TIME_TARGETS = {"entropy": 1.03, "gain+entropy": 1.03, "gain": 1.02, "flatten": 1.02}
+MEMORY_TARGETS = {"entropy": 1.05}
+# generation: InfoSteer + LoRA unmerged against plain LoRA, time per generate call
+GENERATION_SETTINGS = {"intervention": "gain", "entropy_weight": 0.1}
+GENERATION_TARGETS = {"infosteer": 1.03}
+OP_BASELINE = "plain-autograd"
 
 
-@contextlib.contextmanager
-def naive_flux():
-    """Swap the fused flux for the plain-autograd reference inside the regularizer (same formula, same mask)."""
-    from peft_infosteer import ops, regularizer
-
-    def plain(k: torch.Tensor, usage: str = "abs", temperature: float = 1.0):
-        flux = ops.information_flux(k, usage, temperature)
-        valid = torch.ones_like(flux, dtype=torch.bool) if usage == "softmax" else k.abs().amax(-1) > 0
-        return torch.where(valid, flux, torch.zeros_like(flux)), valid
-
-    original = regularizer.fused_information_flux
-    regularizer.fused_information_flux = plain
-    try:
-        yield
-    finally:
-        regularizer.fused_information_flux = original
+# ---- statistics and timing ----------------------------------------------------------------------------------------
 
 
-def tiny_model_dir(tmp: Path) -> Path:
-    """A tiny random Llama (saved once) for ``--quick``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp / "tiny-llama"
-    if not (out / "config.json").is_file():
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=1024,
-            max_position_embeddings=512,
-        )
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(out)
-    return out
+def summary(values: list[float]) -> dict[str, float]:
+    """Median, interquartile range, minimum and count of ``values``."""
+    q1, med, q3 = np.quantile(values, [0.25, 0.5, 0.75])
+    return {"median": float(med), "q1": float(q1), "q3": float(q3), "min": float(min(values)), "n": len(values)}
 
 
-def build(mode: str, args: argparse.Namespace, model_dir: Path):
-    from peft import LoraConfig, get_peft_model
-
-    from peft_infosteer import InfoSteerConfig
-
-    kwargs: dict[str, Any] = {}
-    if args.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=common.DTYPES[args.dtype], bnb_4bit_quant_type="nf4"
-        )
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
-    if not args.load_in_4bit:
-        base = base.to(args.device)
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
-    torch.manual_seed(0)
-    settings = MODES[mode]
-    model = get_peft_model(base, lora if settings is None else InfoSteerConfig(lora=lora, **settings))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    return model, optimizer
+def paired_ratios(times: dict[str, list[float]], baseline: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per-repeat ratio of each entry of ``times`` to its baseline's time in the same repeat, summarised."""
+    return {
+        name: summary([t / b for t, b in zip(values, times[baseline[name]])])
+        for name, values in times.items()
+        if baseline.get(name, name) != name
+    }
 
 
-def make_batches(args: argparse.Namespace, vocab: int) -> list[dict[str, torch.Tensor]]:
-    """Fixed random token batches (the cost does not depend on the text); every token is in the loss."""
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(args.n_batches):
-        ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g)
-        batches.append({"input_ids": ids.to(args.device), "labels": ids.to(args.device)})
-    return batches
-
-
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def step(mode: str, model, optimizer, batch, args: argparse.Namespace) -> None:
-    ctx = naive_flux() if mode == "entropy-naive" else contextlib.nullcontext()
-    with ctx, torch.autocast(args.device_type, dtype=common.DTYPES[args.dtype], enabled=args.dtype != "float32"):
-        out = model(**batch)
-        out.loss.float().backward()  # the regularizer, when on, is already in this backward
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
-def _static_bytes(model, optimizer) -> int:
+def warm_up(fns: dict[str, Callable[[int], None]], steps: int, device: str) -> dict[str, dict[str, float]]:
+    """Run each function ``steps`` times (compiles happen here); the first call's time and the total, per function."""
+    out = {}
+    for name, fn in fns.items():
+        times = []
+        for i in range(steps):
+            sync(device)
+            t0 = time.perf_counter()
+            fn(i)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        out[name] = {"first_s": times[0] if times else 0.0, "total_s": float(sum(times))}
+    return out
+
+
+def interleaved(
+    fns: dict[str, Callable[[int], None]], repeats: int, device: str, label: str = ""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process CPU time of each function, once per repeat, the order rotated each repeat."""
+    names = list(fns)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[name](r)
+            sync(device)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+        if label:
+            print(f"  {label} repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {wall[n][-1]:.3f}s" for n in names))
+    return wall, cpu
+
+
+# ---- memory -------------------------------------------------------------------------------------------------------
+
+
+def cpu_peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak extra bytes held by PyTorch's CPU allocator while ``fn()`` runs (from the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def extra_peak_bytes(fn: Callable[[], None], device: str) -> int:
+    """Peak bytes allocated by ``fn()`` on top of what was allocated before it."""
+    gc.collect()
+    if not device.startswith("cuda"):
+        return cpu_peak_bytes(fn)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def static_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of parameters, buffers and optimizer state (each storage once)."""
     seen, total = set(), 0
     tensors = [*model.parameters(), *model.buffers()]
     for state in optimizer.state.values():
@@ -154,184 +194,409 @@ def _static_bytes(model, optimizer) -> int:
     return total
 
 
-def cpu_step_peak(fn) -> int:
-    """Peak extra bytes held by PyTorch's CPU allocator while ``fn()`` runs (from the profiler's memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort()
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+# ---- models -------------------------------------------------------------------------------------------------------
 
 
-def measure_memory(mode, model, optimizer, batch, args) -> dict[str, float]:
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step(mode, model, optimizer, batch, args)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        return {"peak_bytes": peak, "step_extra_bytes": peak - before, "static_bytes": before}
-    static = _static_bytes(model, optimizer)
-    extra = cpu_step_peak(lambda: step(mode, model, optimizer, batch, args))
-    return {"peak_bytes": static + extra, "step_extra_bytes": extra, "static_bytes": static}
+def tiny_model_dir(tmp: Path, layers: int = 2) -> Path:
+    """A tiny random Llama (saved once) for ``--quick``; few layers, since compile time grows with the layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-
-def fused_vs_naive_op(args: argparse.Namespace, d_ff: int) -> dict[str, Any]:
-    """Forward + backward of the flux of one layer's key vectors: fused closed form vs plain autograd."""
-    from peft_infosteer.ops import fused_information_flux, information_flux
-
-    g = torch.Generator().manual_seed(0)
-    dtype = common.DTYPES[args.dtype]
-    k = torch.randn(args.batch_size * args.seq_len, d_ff, generator=g).to(args.device, dtype).requires_grad_(True)
-
-    def fused():
-        flux, _ = fused_information_flux(k)
-        flux.mean().backward()
-        k.grad = None
-
-    def naive():
-        information_flux(k).mean().backward()
-        k.grad = None
-
-    fns = {"fused": fused, "naive": naive}
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(args.op_repeats):
-        for name, fn in fns.items():
-            _sync(args.device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(args.device)
-            times[name].append(time.perf_counter() - t0)
-    mem = {}
-    for name, fn in fns.items():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            mem[name] = torch.cuda.max_memory_allocated() - before
-        else:
-            mem[name] = cpu_step_peak(fn)
-    ratios = [f / n for f, n in zip(times["fused"], times["naive"])]
-    return {
-        "shape": list(k.shape),
-        "dtype": args.dtype,
-        "time_s": {n: float(np.median(v)) for n, v in times.items()},
-        "extra_peak_bytes": mem,
-        "time": _summary(ratios)["median"],
-        "time_summary": _summary(ratios),
-        "peak_memory": mem["fused"] / max(mem["naive"], 1),
-    }
-
-
-def component_costs(args: argparse.Namespace, d_ff: int, n_layers: int, repeats: int = 21) -> dict[str, Any]:
-    """Forward + backward time of each InfoSteer piece on one layer's keys, min and median of ``repeats``.
-
-    Short, repeated timings resolve per-layer costs that whole-step timings on a shared machine cannot; multiplied by
-    the number of layers they give the expected extra time per step.
-    """
-    from peft_infosteer.ops import flatten_keys, fused_information_flux, gain_keys
-
-    def plain_flatten(k: torch.Tensor, a: float) -> torch.Tensor:
-        mean_abs = k.abs().mean(dim=-1, keepdim=True, dtype=torch.float32).to(k.dtype)
-        return k * (1.0 - a) + torch.sign(k) * (a * mean_abs)
-
-    dtype = common.DTYPES[args.dtype]
-    g = torch.Generator().manual_seed(0)
-    k0 = torch.randn(args.batch_size, args.seq_len, d_ff, generator=g).to(args.device, dtype)
-    grad = torch.randn(k0.shape, generator=g).to(args.device, dtype)
-    gain = torch.ones(d_ff, device=args.device, requires_grad=True)
-
-    def with_backward(f):
-        def fn():
-            k = k0.clone().requires_grad_(True)
-            f(k).backward(grad)
-
-        return fn
-
-    def flux_no_grad():
-        with torch.no_grad():
-            fused_information_flux(k0)
-
-    def flux_with_grad():
-        k = k0.clone().requires_grad_(True)
-        fused_information_flux(k)[0].sum().backward()
-
-    pieces = {
-        "baseline: clone + identity backward": with_backward(lambda k: k * 1.0),
-        "flatten, plain autograd": with_backward(lambda k: plain_flatten(k, 0.1)),
-        "flatten, fused backward (ops.flatten_keys)": with_backward(lambda k: flatten_keys(k, 0.1)),
-        "gain (ops.gain_keys)": with_backward(lambda k: gain_keys(k, gain)),
-        "flux forward without grad (flux logging when entropy_weight=0)": flux_no_grad,
-        "flux forward + backward (the regularizer)": flux_with_grad,
-    }
-    out: dict[str, Any] = {"shape": list(k0.shape), "dtype": args.dtype, "layers": n_layers, "ms_per_layer": {}}
-    for name, fn in pieces.items():
-        fn()
-        times = []
-        for _ in range(repeats):
-            _sync(args.device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(args.device)
-            times.append(1e3 * (time.perf_counter() - t0))
-        out["ms_per_layer"][name] = {"min": float(min(times)), "median": float(np.median(times))}
+    out = tmp / f"tiny-llama-{layers}-layers"
+    if not (out / "config.json").is_file():
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1024,
+            max_position_embeddings=512,
+        )
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(out)
     return out
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    q1, med, q3 = np.quantile(values, [0.25, 0.5, 0.75])
-    return {"median": float(med), "q1": float(q1), "q3": float(q3), "min": float(min(values)), "n": len(values)}
+def load_base(args: argparse.Namespace, model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {}
+    if args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=common.DTYPES[args.dtype], bnb_4bit_quant_type="nf4"
+        )
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    return base if args.load_in_4bit else base.to(args.device)
+
+
+def peft_model(settings: dict[str, Any] | None, args: argparse.Namespace, model_dir: Path) -> Any:
+    """Plain LoRA (``settings=None``) or InfoSteer with the same LoRA stacked, on a fresh base model."""
+    from peft import LoraConfig, get_peft_model
+
+    from peft_infosteer import InfoSteerConfig
+
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    config = lora if settings is None else InfoSteerConfig(lora=lora, **settings)
+    return get_peft_model(load_base(args, model_dir), config)
+
+
+def ffn_width(model: torch.nn.Module) -> int:
+    """``d_ff``: the input width of the first FFN output projection."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith("down_proj.base_layer"):
+            return int(module.in_features)
+    raise ValueError("no down_proj found: pass a Llama-style model")
+
+
+def autocast(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    return torch.autocast(args.device_type, dtype=common.DTYPES[args.dtype], enabled=args.dtype != "float32")
+
+
+@contextlib.contextmanager
+def closed_form_math():
+    """The eager closed-form InfoSteer functions instead of the compiled math, for the duration of the block."""
+    from peft_infosteer import ops
+
+    before = ops.compiled_math_enabled()
+    ops.set_compiled_math(False)
+    try:
+        yield
+    finally:
+        ops.set_compiled_math(before)
+
+
+# ---- part 1: training steps ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One timed kind of training step: a mode, eager or under ``torch.compile(model)``."""
+
+    name: str  # "eager/gain", "compiled/gain", "eager/entropy-closed-form"
+    baseline: str  # the LoRA variant of the same kind
+    model: Any
+    forward: Callable[..., Any]
+    optimizer: torch.optim.Optimizer
+    closed_form: bool = False
+
+
+def training_variants(args: argparse.Namespace, model_dir: Path) -> dict[str, Variant]:
+    """One model + optimizer per mode, shared by its eager and compiled variants; the eager variants come first."""
+    built = {}
+    for mode in args.modes:
+        model = peft_model(MODES[mode], args, model_dir).train()
+        built[mode] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5))
+    variants: dict[str, Variant] = {}
+    if "eager" in args.parts:
+        for mode, (model, optimizer) in built.items():
+            variants[f"eager/{mode}"] = Variant(f"eager/{mode}", "eager/lora", model, model, optimizer)
+            if mode == "entropy":
+                name = f"eager/{CLOSED_FORM}"
+                variants[name] = Variant(name, "eager/lora", model, model, optimizer, closed_form=True)
+    if "compiled" in args.parts:
+        for mode, (model, optimizer) in built.items():
+            name = f"compiled/{mode}"
+            variants[name] = Variant(name, "compiled/lora", model, torch.compile(model), optimizer)
+    return variants
+
+
+def make_batches(args: argparse.Namespace, vocab: int) -> list[dict[str, torch.Tensor]]:
+    """Fixed random token batches (the cost does not depend on the text); every token is in the loss."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(args.n_batches):
+        ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g).to(args.device)
+        batches.append({"input_ids": ids, "labels": ids})
+    return batches
+
+
+def train_step(variant: Variant, batch: dict[str, torch.Tensor], args: argparse.Namespace) -> None:
+    math = closed_form_math() if variant.closed_form else contextlib.nullcontext()
+    with math, autocast(args):
+        out = variant.forward(**batch)
+        out.loss.float().backward()  # the regularizer, when on, is already in this backward
+    variant.optimizer.step()
+    variant.optimizer.zero_grad(set_to_none=True)
+
+
+def step_memory(variant: Variant, batch: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, int]:
+    static = static_bytes(variant.model, variant.optimizer)
+    extra = extra_peak_bytes(lambda: train_step(variant, batch, args), args.device)
+    return {"peak_bytes": static + extra, "step_extra_bytes": extra, "static_bytes": static}
+
+
+def target_checks(ratios: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Met / missed for every variant that has a target (median time ratio, peak-memory ratio)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, r in ratios.items():
+        mode = name.split("/", 1)[1]
+        checks = {}
+        if mode in TIME_TARGETS:
+            checks["time"] = (TIME_TARGETS[mode], r["time"]["median"])
+        if mode in MEMORY_TARGETS:
+            checks["peak_memory"] = (MEMORY_TARGETS[mode], r["peak_memory"])
+        if checks:
+            out[name] = {k: {"target": t, "measured": m, "met": m <= t} for k, (t, m) in checks.items()}
+    return out
+
+
+def measure_training(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    variants = training_variants(args, model_dir)
+    any_model = next(iter(variants.values())).model
+    batches = make_batches(args, any_model.get_input_embeddings().weight.shape[0])
+    d_ff = ffn_width(any_model)
+
+    def run(variant: Variant) -> Callable[[int], None]:
+        return lambda r: train_step(variant, batches[r % len(batches)], args)
+
+    fns = {name: run(v) for name, v in variants.items()}
+    warmup = warm_up(fns, args.warmup, args.device)
+    graphs = compiled_graphs()
+    wall, cpu = interleaved(fns, args.repeats, args.device, label="training")
+    memory = {name: step_memory(v, batches[0], args) for name, v in variants.items()}
+    graphs_after_warmup = compiled_graphs() - graphs
+
+    baseline = {name: v.baseline for name, v in variants.items()}
+    time_ratios, cpu_ratios = paired_ratios(wall, baseline), paired_ratios(cpu, baseline)
+    ratios = {
+        name: {
+            "baseline": baseline[name],
+            "time": time_ratios[name],
+            "cpu_time": cpu_ratios[name],
+            "peak_memory": memory[name]["peak_bytes"] / memory[baseline[name]]["peak_bytes"],
+            "step_extra_memory": memory[name]["step_extra_bytes"] / max(memory[baseline[name]]["step_extra_bytes"], 1),
+        }
+        for name in time_ratios
+    }
+    result: dict[str, Any] = {
+        "d_ff": d_ff,
+        "ratios": ratios,
+        "targets": target_checks(ratios),
+        "step_time_s": {n: summary(v) for n, v in wall.items()},
+        "step_cpu_time_s": {n: summary(v) for n, v in cpu.items()},
+        "tokens_per_s": {n: args.batch_size * args.seq_len / float(np.median(v)) for n, v in wall.items()},
+        "memory_bytes": memory,
+        "warmup_s": warmup,
+        "graphs_compiled_after_warmup": graphs_after_warmup,
+    }
+    entropy, closed = "eager/entropy", f"eager/{CLOSED_FORM}"
+    if entropy in wall and closed in wall:
+        result["compiled_math_vs_closed_form"] = {
+            "time": paired_ratios(wall, {entropy: closed})[entropy],
+            "cpu_time": paired_ratios(cpu, {entropy: closed})[entropy],
+            "peak_memory": memory[entropy]["peak_bytes"] / memory[closed]["peak_bytes"],
+            "step_extra_memory": memory[entropy]["step_extra_bytes"] / max(memory[closed]["step_extra_bytes"], 1),
+        }
+    return result
+
+
+# ---- part 2: the flux op alone ------------------------------------------------------------------------------------
+
+
+def flux_op_functions(k: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """Forward + backward of the flux of ``k`` (mean over rows), four implementations; each clears ``k.grad``."""
+    from peft_infosteer import ops
+    from peft_infosteer._closed_form import FusedFlux
+
+    plain_compiled = torch.compile(ops.information_flux, dynamic=True)  # the package compiles its formula so too
+
+    def closed_form() -> None:
+        FusedFlux.apply(k, False, 1.0)[0].mean().backward()
+
+    def plain() -> None:
+        ops.information_flux(k).mean().backward()
+
+    def compiled_path() -> None:
+        ops.fused_information_flux(k)[0].mean().backward()
+
+    def plain_under_compile() -> None:
+        plain_compiled(k).mean().backward()
+
+    def clearing(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            fn()
+            k.grad = None
+
+        return run
+
+    fns = {
+        "closed-form": closed_form,
+        OP_BASELINE: plain,
+        "compiled": compiled_path,
+        "plain-autograd-compiled": plain_under_compile,
+    }
+    return {name: clearing(fn) for name, fn in fns.items()}
+
+
+def measure_op(args: argparse.Namespace, d_ff: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    shape = (args.batch_size * args.seq_len, d_ff)
+    k = torch.randn(shape, generator=g).to(args.device, common.DTYPES[args.dtype]).requires_grad_(True)
+    fns = flux_op_functions(k)
+    timed = {name: (lambda r, fn=fn: fn()) for name, fn in fns.items()}
+    warmup = warm_up(timed, args.warmup, args.device)
+    graphs = compiled_graphs()
+    wall, _ = interleaved(timed, args.op_repeats, args.device)
+    memory = {name: extra_peak_bytes(fn, args.device) for name, fn in fns.items()}
+    graphs_after_warmup = compiled_graphs() - graphs
+    time_ratios = paired_ratios(wall, {name: OP_BASELINE for name in fns})
+    return {
+        "shape": list(shape),
+        "dtype": args.dtype,
+        "baseline": OP_BASELINE,
+        "time_s": {n: summary(v) for n, v in wall.items()},
+        "extra_peak_bytes": memory,
+        "ratios": {
+            n: {"time": time_ratios[n], "peak_memory": memory[n] / max(memory[OP_BASELINE], 1)} for n in time_ratios
+        },
+        "warmup_s": warmup,
+        "graphs_compiled_after_warmup": graphs_after_warmup,
+    }
+
+
+# ---- part 3: generation -------------------------------------------------------------------------------------------
+
+
+def randomise_adapters(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial LoRA weights and gains (LoRA B starts at 0, gains at 1), the same for the same layer everywhere.
+
+    Each parameter gets its own generator seeded from its name without the InfoSteer wrapping (``base_layer.``), so
+    plain LoRA and InfoSteer + LoRA get the same LoRA weights.
+    """
+    for name, p in model.named_parameters():
+        if not any(key in name for key in ("lora_A", "lora_B", "infosteer_gain")):
+            continue
+        g = torch.Generator().manual_seed(seed + zlib.crc32(name.replace("base_layer.", "").encode()))
+        if "infosteer_gain" in name:
+            value = torch.empty(p.shape).uniform_(0.5, 1.5, generator=g)
+        else:
+            value = torch.randn(p.shape, generator=g) * (0.02 if "lora_B" in name else 1.0 / p.shape[-1] ** 0.5)
+        with torch.no_grad():
+            p.copy_(value.to(p.dtype))
+
+
+def generation_models(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """Plain LoRA, InfoSteer gain + LoRA unmerged, and the same InfoSteer adapter merged into the weights."""
+    models = {"lora": peft_model(None, args, model_dir), "infosteer": peft_model(GENERATION_SETTINGS, args, model_dir)}
+    for model in models.values():
+        randomise_adapters(model)
+    if not args.load_in_4bit:  # InfoSteer refuses to merge into quantized weights
+        merged = peft_model(GENERATION_SETTINGS, args, model_dir)
+        randomise_adapters(merged)  # the same weights as the unmerged one: seeded by parameter name
+        models["infosteer-merged"] = merged.merge_and_unload()
+    return {name: model.eval() for name, model in models.items()}
+
+
+def generation_config(model: Any, new_tokens: int) -> Any:
+    from transformers import GenerationConfig
+
+    eos = model.config.eos_token_id
+    pad = model.config.pad_token_id
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    return GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+
+
+def generate(model: Any, prompt: torch.Tensor, config: Any, args: argparse.Namespace) -> torch.Tensor:
+    with torch.no_grad(), autocast(args):
+        return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+
+
+def measure_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    models = generation_models(args, model_dir)
+    config = generation_config(models["lora"], args.new_tokens)
+    vocab = models["lora"].get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(1)
+    prompts = {bs: torch.randint(0, vocab, (bs, args.prompt_len), generator=g).to(args.device) for bs in args.gen_batch}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def run(name: str, bs: int) -> Callable[[int], None]:
+        def fn(r: int) -> None:
+            outputs[f"{bs}/{name}"] = generate(models[name], prompts[bs], config, args)
+
+        return fn
+
+    fns = {f"{bs}/{name}": run(name, bs) for bs in args.gen_batch for name in models}
+    warmup = warm_up(fns, 1, args.device)
+    wall, _ = interleaved(fns, args.gen_repeats, args.device, label="generation")
+    lengths = {out.shape[1] - args.prompt_len for out in outputs.values()}
+    if lengths != {args.new_tokens}:
+        raise RuntimeError(f"generate produced {lengths} new tokens, expected exactly {args.new_tokens}")
+    ratios = paired_ratios(wall, {name: f"{name.split('/')[0]}/lora" for name in fns})
+    targets = {
+        name: {"time": {"target": t, "measured": ratios[name]["median"], "met": ratios[name]["median"] <= t}}
+        for name in ratios
+        if (t := GENERATION_TARGETS.get(name.split("/", 1)[1])) is not None
+    }
+    tracker = models["infosteer"].base_model.flux_tracker
+    result: dict[str, Any] = {
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "time_s": {n: summary(v) for n, v in wall.items()},
+        "tokens_per_s": {n: int(n.split("/")[0]) * args.new_tokens / float(np.median(v)) for n, v in wall.items()},
+        "ratios": {n: {"baseline": f"{n.split('/')[0]}/lora", "time": r} for n, r in ratios.items()},
+        "targets": targets,
+        "warmup_s": warmup,
+        # the unmerged InfoSteer model has entropy_weight > 0: generate() must not have measured any flux
+        "flux_measured_during_generate": tracker.last is not None,
+    }
+    if "infosteer-merged" in models:
+        new = {name: out[:, args.prompt_len :] for name, out in outputs.items()}
+        same = [(new[f"{bs}/infosteer-merged"] == new[f"{bs}/infosteer"]).float().mean() for bs in args.gen_batch]
+        result["merged_equals_unmerged_tokens"] = float(min(same))  # fraction of the generated tokens
+    return result
+
+
+# ---- command line -------------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="smollm2, gemma3, or a local transformers checkpoint dir")
-    p.add_argument("--name", default=None, help="results sub-directory of benchmarks/results (default: model alias)")
-    p.add_argument("--json", type=Path, default=None, help="also write the summary JSON here")
-    p.add_argument(
-        "--modes",
-        default="lora,entropy,gain,flatten,entropy-naive",
-        help="comma-separated subset of " + ", ".join(MODES),
-    )
+    p.add_argument("--name", default=None, help="results sub-directory of benchmarks/results/overhead")
+    p.add_argument("--json", type=Path, default=None, help="also write the results JSON here")
+    p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/overhead/<name>/")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ", ".join(PARTS))
+    modes = [m for m in MODES if m != "lora"]
+    p.add_argument("--modes", default=",".join(modes), help="modes besides lora, a subset of " + ", ".join(modes))
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=6, help="timed steps per mode (interleaved)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
-    p.add_argument("--n-batches", type=int, default=4, help="distinct batches, cycled")
-    p.add_argument("--op-repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=6, help="timed training steps per variant (interleaved)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (compiles happen here)")
+    p.add_argument("--n-batches", type=int, default=4, help="distinct training batches, cycled")
+    p.add_argument("--op-repeats", type=int, default=20, help="timed forward + backward calls per flux op")
+    p.add_argument("--gen-batch", type=_int_list, default=[1, 4], help="generation batch sizes (comma-separated)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence (min = max)")
+    p.add_argument("--gen-repeats", type=int, default=6, help="timed generate calls per variant and batch size")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(common.DTYPES), default="float32", help="autocast dtype")
-    p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit base (QLoRA)")
+    p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit base (QLoRA); no merged model")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="tiny random model, few repeats (< 60 s)")
-    p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/<name>/")
-    p.add_argument(
-        "--components-only",
-        action="store_true",
-        help="only time the per-layer pieces (writes components.json next to results.json)",
-    )
+    p.add_argument("--quick", action="store_true", help="tiny random model, few repeats (< 60 s, warm compile cache)")
     args = p.parse_args(argv)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in args.modes if m not in MODES]
-    if unknown:
-        p.error(f"unknown modes {unknown}; choose from {list(MODES)}")
-    if "lora" not in args.modes:
-        args.modes.insert(0, "lora")
+    args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    args.modes = ["lora"] + [m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "lora"]
+    for given, allowed, flag in ((args.parts, PARTS, "--parts"), (args.modes, tuple(MODES), "--modes")):
+        if unknown := [x for x in given if x not in allowed]:
+            p.error(f"{flag}: unknown {unknown}; choose from {list(allowed)}")
     if args.quick:
-        args.batch_size, args.seq_len, args.repeats, args.warmup, args.op_repeats = 2, 64, 5, 1, 5
+        args.batch_size, args.seq_len, args.repeats, args.warmup, args.n_batches = 2, 64, 3, 2, 2
+        args.op_repeats, args.prompt_len, args.new_tokens, args.gen_repeats = 5, 16, 8, 3
         args.threads = args.threads or 1  # tiny ops: extra threads only add scheduling noise
     args.device_type = torch.device(args.device).type
     if args.name is None:
@@ -340,120 +605,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    load_before = common.environment_info(args.device).get("load_average")
-    if args.quick:
-        import tempfile
-
-        model_dir = tiny_model_dir(Path(tempfile.gettempdir()) / "peft-infosteer-overhead")
-    else:
-        model_dir = common.resolve_model_dir(args.model)
-    if args.components_only:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_dir)
-        comp = component_costs(args, config.intermediate_size, config.num_hidden_layers)
-        comp["environment"] = common.environment_info(args.device)
-        text = json.dumps(comp, indent=1)
-        if not args.no_save:
-            out = RESULTS_ROOT / "overhead" / args.name
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "components.json").write_text(text)
-        print(text)
-        return 0
-    print(f"overhead: {model_dir}, modes {args.modes}, batch {args.batch_size} x {args.seq_len}, {args.device}")
-    built = {m: build(m, args, model_dir) for m in args.modes}
-    vocab = built["lora"][0].get_input_embeddings().weight.shape[0]
-    batches = make_batches(args, vocab)
-    tokens = args.batch_size * args.seq_len
-
-    for mode, (model, opt) in built.items():
-        for i in range(args.warmup):
-            step(mode, model, opt, batches[i % len(batches)], args)
-
-    times: dict[str, list[float]] = {m: [] for m in args.modes}
-    cpu_times: dict[str, list[float]] = {m: [] for m in args.modes}
-    for r in range(args.repeats):
-        order = args.modes[r % len(args.modes) :] + args.modes[: r % len(args.modes)]
-        batch = batches[r % len(batches)]
-        for mode in order:
-            model, opt = built[mode]
-            _sync(args.device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            step(mode, model, opt, batch, args)
-            _sync(args.device)
-            times[mode].append(time.perf_counter() - t0)
-            cpu_times[mode].append(time.process_time() - c0)
-        print(f"  repeat {r + 1}/{args.repeats}: " + ", ".join(f"{m} {times[m][-1]:.3f}s" for m in args.modes))
-
-    memory = {m: measure_memory(m, *built[m], batches[0], args) for m in args.modes}
-    d_ff = next(
-        mod.in_features
-        for name, mod in built["lora"][0].named_modules()
-        if isinstance(mod, torch.nn.Linear) and name.endswith("down_proj.base_layer")
-    )
-    del built
+def timed_part(measure: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run one part; add its wall time (warm-up included) and free its models before the next part."""
+    t0 = time.perf_counter()
+    result = measure(*args)
     gc.collect()
-    op = fused_vs_naive_op(args, d_ff)
+    return result | {"part_wall_time_s": round(time.perf_counter() - t0, 1)}
 
-    ratios: dict[str, Any] = {}
-    details: dict[str, Any] = {}
-    for mode in args.modes:
-        if mode == "lora":
-            continue
-        time_ratio = [t / b for t, b in zip(times[mode], times["lora"])]
-        cpu_ratio = [t / b for t, b in zip(cpu_times[mode], cpu_times["lora"])]
-        ratios[mode] = {
-            "time": _summary(time_ratio)["median"],
-            "peak_memory": memory[mode]["peak_bytes"] / memory["lora"]["peak_bytes"],
-        }
-        details[mode] = {
-            "time_ratio": _summary(time_ratio),
-            "cpu_time_ratio": _summary(cpu_ratio),
-            "step_extra_memory_ratio": memory[mode]["step_extra_bytes"] / max(memory["lora"]["step_extra_bytes"], 1),
-        }
-    fused_vs_naive = None
-    if "entropy" in times and "entropy-naive" in times:
-        r = [f / n for f, n in zip(times["entropy"], times["entropy-naive"])]
-        rc = [f / n for f, n in zip(cpu_times["entropy"], cpu_times["entropy-naive"])]
-        fused_vs_naive = {
-            "time": _summary(r)["median"],
-            "cpu_time_ratio": _summary(rc),
-            "peak_memory": memory["entropy"]["peak_bytes"] / memory["entropy-naive"]["peak_bytes"],
-            "time_ratio": _summary(r),
-            "step_extra_memory_ratio": memory["entropy"]["step_extra_bytes"]
-            / max(memory["entropy-naive"]["step_extra_bytes"], 1),
-        }
-    targets = {
-        mode: {k: {"target": v, "measured": ratios[mode][k], "met": ratios[mode][k] <= v} for k, v in t.items()}
-        for mode, t in TARGETS.items()
-        if mode in ratios
+
+def settings_record(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("json", "no_save")}
+    return record | {
+        "model_dir": str(model_dir),
+        "mode_settings": {m: MODES[m] for m in args.modes},
+        "generation_settings": GENERATION_SETTINGS,
     }
-    result = {
-        "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
-        "ratios": ratios,
-        "fused_vs_naive": fused_vs_naive,
-        "fused_vs_naive_op": op,
-        "ratio_details": details,
-        "targets": targets,
-        "step_time_s": {m: _summary(v) for m, v in times.items()},
-        "step_cpu_time_s": {m: _summary(v) for m, v in cpu_times.items()},
-        "tokens_per_s": {m: tokens / float(np.median(v)) for m, v in times.items()},
-        "memory_bytes": memory,
-        "memory_method": "cuda max_memory_allocated"
-        if args.device.startswith("cuda")
-        else "static tensor bytes + peak of CPU-allocator live bytes during one step (torch.profiler memory events)",
-        "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("json", "no_save")
-        }
-        | {"model_dir": str(model_dir), "mode_settings": {m: MODES[m] for m in args.modes}},
-        "environment": common.environment_info(args.device) | {"load_average_before": load_before},
-        "wall_time_s": round(time.perf_counter() - t_start, 1),
-    }
+
+
+def write(result: dict[str, Any], args: argparse.Namespace) -> None:
     text = json.dumps(result, indent=1)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -463,53 +632,186 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(text)
         (out / "results.md").write_text(markdown(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from peft_infosteer import ops
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ops.set_compiled_math(True)  # the package default, whatever PEFT_INFOSTEER_COMPILE says
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # one entry per model
+    t_start = time.perf_counter()
+    load_before = common.environment_info(args.device).get("load_average")
+    if args.quick:
+        import tempfile
+
+        model_dir = tiny_model_dir(Path(tempfile.gettempdir()) / "peft-infosteer-overhead")
+    else:
+        model_dir = common.resolve_model_dir(args.model)
+    print(f"overhead: {model_dir}, parts {args.parts}, modes {args.modes}, batch {args.batch_size} x {args.seq_len}")
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device_type == "cuda" else args.device}
+    if "eager" in args.parts or "compiled" in args.parts:
+        result["training"] = timed_part(measure_training, args, model_dir)
+    if "op" in args.parts:
+        from transformers import AutoConfig
+
+        d_ff = result.get("training", {}).get("d_ff") or AutoConfig.from_pretrained(model_dir).intermediate_size
+        result["op"] = timed_part(measure_op, args, d_ff)
+    if "generation" in args.parts:
+        result["generation"] = timed_part(measure_generation, args, model_dir)
+    result["compiled_math_stayed_on"] = ops.compiled_math_enabled()  # False: compiling failed, the eager fallback ran
+    result["memory_method"] = (
+        "cuda max_memory_allocated"
+        if args.device_type == "cuda"
+        else "static tensor bytes + peak of CPU-allocator live bytes during one step (torch.profiler memory events)"
+    )
+    result["settings"] = settings_record(args, model_dir)
+    result["environment"] = common.environment_info(args.device) | {"load_average_before": load_before}
+    result["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+    write(result, args)
     print(markdown(result))
     return 0
 
 
+# ---- report -------------------------------------------------------------------------------------------------------
+
+
+def _iqr(s: dict[str, float]) -> str:
+    return f"{s['median']:.3f} [{s['q1']:.3f}, {s['q3']:.3f}]"
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def _target_text(checks: dict[str, Any] | None) -> str:
+    if not checks:
+        return ""
+    return ", ".join(f"{k} <= {v['target']}: {'met' if v['met'] else '**MISSED**'}" for k, v in checks.items())
+
+
+def _training_table(training: dict[str, Any], kind: str) -> list[str]:
+    names = [n for n in training["step_time_s"] if n.startswith(f"{kind}/")]
+    if not names:
+        return []
+    lines = [
+        "| mode | step time (median) | time vs LoRA: median [IQR] | CPU time vs LoRA | peak memory | memory vs LoRA | "
+        "step-extra memory vs LoRA | warm-up (first step) | target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        st, mem, warm = training["step_time_s"][name], training["memory_bytes"][name], training["warmup_s"][name]
+        first = f"{warm['total_s']:.1f} s ({warm['first_s']:.1f} s)"
+        r = training["ratios"].get(name)
+        if r is None:
+            lines.append(f"| {name} | {st['median']:.3f} s | 1 | 1 | {_mib(mem['peak_bytes'])} | 1 | 1 | {first} | |")
+            continue
+        lines.append(
+            f"| {name} | {st['median']:.3f} s | {_iqr(r['time'])} | {_iqr(r['cpu_time'])} | {_mib(mem['peak_bytes'])} "
+            f"| {r['peak_memory']:.3f} | {r['step_extra_memory']:.3f} | {first} | "
+            f"{_target_text(training['targets'].get(name))} |"
+        )
+    return lines
+
+
+def _training_section(result: dict[str, Any]) -> list[str]:
+    training, s = result["training"], result["settings"]
+    lines = [
+        "## 1. Training step against plain LoRA SFT",
+        "",
+        f"Batch {s['batch_size']} x {s['seq_len']} tokens, LoRA r={s['lora_r']} on all linear layers, dtype "
+        f"{s['dtype']}{', 4-bit base' if s['load_in_4bit'] else ''}; {s['repeats']} interleaved repeats of every "
+        f"variant after {s['warmup']} warm-up steps each; ratios per repeat against the LoRA step of the same kind "
+        f"and repeat. Graphs compiled after the warm-up (timed and memory steps; should be 0): "
+        f"{training['graphs_compiled_after_warmup']}.",
+        "",
+    ]
+    for kind, title in (
+        ("eager", "Eager model (the InfoSteer math compiled by the package, its default)"),
+        ("compiled", "Whole training forward under `torch.compile(model)`, against compiled LoRA"),
+    ):
+        table = _training_table(training, kind)
+        if table:
+            lines += [f"### {title}", "", *table, ""]
+    cf = training.get("compiled_math_vs_closed_form")
+    if cf:
+        lines += [
+            f"Compiled InfoSteer math against the eager closed form inside the step (eager/entropy / "
+            f"eager/{CLOSED_FORM}): time {_iqr(cf['time'])}, CPU time {_iqr(cf['cpu_time'])}, peak memory "
+            f"{cf['peak_memory']:.3f}, step-extra memory {cf['step_extra_memory']:.3f}.",
+            "",
+        ]
+    return lines
+
+
+def _op_section(op: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## 2. The flux op alone: one layer's keys {op['shape']} ({op['dtype']}), forward + backward",
+        "",
+        "| implementation | time (median) | time vs plain autograd: median [IQR] | extra peak memory | "
+        "memory vs plain autograd | warm-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, t in op["time_s"].items():
+        r = op["ratios"].get(name)
+        ratio, mem_ratio = (_iqr(r["time"]), f"{r['peak_memory']:.3f}") if r else ("1", "1")
+        lines.append(
+            f"| {name} | {1e3 * t['median']:.2f} ms | {ratio} | {_mib(op['extra_peak_bytes'][name])} | {mem_ratio} | "
+            f"{op['warmup_s'][name]['total_s']:.1f} s |"
+        )
+    lines += [
+        "",
+        "closed-form: `_closed_form.FusedFlux` (eager); plain-autograd: `ops.information_flux`; compiled: "
+        "`ops.fused_information_flux` with compiled math; plain-autograd-compiled: `ops.information_flux` under "
+        f"`torch.compile(dynamic=True)`. Graphs compiled after the warm-up: "
+        f"{op['graphs_compiled_after_warmup']}.",
+        "",
+    ]
+    return lines
+
+
+def _generation_section(gen: dict[str, Any], repeats: int) -> list[str]:
+    lines = [
+        f"## 3. Generation: greedy, prompt {gen['prompt_len']} tokens, exactly {gen['new_tokens']} new tokens",
+        "",
+        f"{repeats} interleaved repeats after one warm-up call each; ratios per repeat against plain LoRA (unmerged) "
+        "at the same batch size. LoRA weights and gains randomised; InfoSteer is `gain` with `entropy_weight > 0`.",
+        "",
+        "| batch | model | time per generate (median) | tokens/s | time vs LoRA: median [IQR] | warm-up | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, t in gen["time_s"].items():
+        bs, model = name.split("/", 1)
+        r = gen["ratios"].get(name)
+        lines.append(
+            f"| {bs} | {model} | {t['median']:.3f} s | {gen['tokens_per_s'][name]:.1f} | "
+            f"{_iqr(r['time']) if r else '1'} | {gen['warmup_s'][name]['total_s']:.1f} s | "
+            f"{_target_text(gen['targets'].get(name))} |"
+        )
+    lines += ["", f"Flux measured during generate: {'**yes**' if gen['flux_measured_during_generate'] else 'no'}."]
+    if "merged_equals_unmerged_tokens" in gen:
+        lines[-1] += f" Merged and unmerged generate the same token: {gen['merged_equals_unmerged_tokens']:.1%}."
+    return [*lines, ""]
+
+
 def markdown(result: dict[str, Any]) -> str:
-    s = result["settings"]
+    s, env = result["settings"], result["environment"]
     lines = [
         f"# Overhead: {Path(s['model_dir']).name} on {result['device']}",
         "",
-        f"Batch {s['batch_size']} x {s['seq_len']} tokens, LoRA r={s['lora_r']} on all linear layers, dtype "
-        f"{s['dtype']}{', 4-bit base' if s['load_in_4bit'] else ''}; {s['repeats']} interleaved repeats per mode "
-        f"after {s['warmup']} warm-up steps. Load average before/after: {result['environment']['load_average_before']}"
-        f" / {result['environment'].get('load_average')} on {result['environment']['cpu_count']} CPUs.",
+        f"Load average before/after: {env['load_average_before']} / {env.get('load_average')} on {env['cpu_count']} "
+        f"CPUs, {env['torch_threads']} torch threads. Compiled InfoSteer math stayed on: "
+        f"{result['compiled_math_stayed_on']}.",
         "",
-        "| mode | step time (median) | time vs LoRA: median [IQR] | CPU time vs LoRA: median [IQR] | peak memory | "
-        "memory vs LoRA | step-extra memory vs LoRA | target |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for mode, st in result["step_time_s"].items():
-        mem = result["memory_bytes"][mode]["peak_bytes"] / 2**20
-        if mode == "lora":
-            lines.append(f"| lora | {st['median']:.3f} s | 1 | 1 | {mem:.0f} MiB | 1 | 1 | |")
-            continue
-        d = result["ratio_details"][mode]
-        t, c = d["time_ratio"], d["cpu_time_ratio"]
-        target = result["targets"].get(mode, {})
-        tgt = ", ".join(f"{k} <= {v['target']}: {'met' if v['met'] else 'MISSED'}" for k, v in target.items())
-        lines.append(
-            f"| {mode} | {st['median']:.3f} s | {t['median']:.3f} [{t['q1']:.3f}, {t['q3']:.3f}] | "
-            f"{c['median']:.3f} [{c['q1']:.3f}, {c['q3']:.3f}] | {mem:.0f} MiB | "
-            f"{result['ratios'][mode]['peak_memory']:.3f} | {d['step_extra_memory_ratio']:.3f} | {tgt} |"
-        )
-    fv, op = result["fused_vs_naive"], result["fused_vs_naive_op"]
-    lines.append("")
-    if fv:
-        lines.append(
-            f"Fused vs plain-autograd regularizer inside the training step (entropy / entropy-naive): time "
-            f"{fv['time']:.3f} [IQR {fv['time_ratio']['q1']:.3f}, {fv['time_ratio']['q3']:.3f}], peak memory "
-            f"{fv['peak_memory']:.3f}, step-extra memory {fv['step_extra_memory_ratio']:.3f}."
-        )
-    lines.append(
-        f"Fused vs plain autograd on one layer's keys {op['shape']} ({op['dtype']}), forward + backward: time "
-        f"{op['time']:.3f} ({1e3 * op['time_s']['fused']:.1f} ms vs {1e3 * op['time_s']['naive']:.1f} ms), extra peak "
-        f"memory {op['peak_memory']:.3f} ({op['extra_peak_bytes']['fused'] / 2**20:.1f} MiB vs "
-        f"{op['extra_peak_bytes']['naive'] / 2**20:.1f} MiB)."
-    )
-    lines.append("")
+    if "training" in result:
+        lines += _training_section(result)
+    if "op" in result:
+        lines += _op_section(result["op"])
+    if "generation" in result:
+        lines += _generation_section(result["generation"], s["gen_repeats"])
     lines.append(f"Memory: {result['memory_method']}. Wall time {result['wall_time_s']:.0f} s.")
     return "\n".join(lines) + "\n"
 
