@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         "reference": "SFT",
         "differences": _records(comparison.differences),
         "residual_differences": _records(comparison.residual_differences),
+        "content_minus_function": [
+            *content_shift(comparison.tokens, "SFT", "flux", args.n_boot),
+            *content_shift(comparison.tokens, "SFT", "flux_residual", args.n_boot),
+        ],
         "environment": common.environment_info(args.device),
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
@@ -119,6 +123,29 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(markdown(summary))
     print(markdown(summary))
     return 0
+
+
+def content_shift(tokens, reference: str, value: str, n_boot: int) -> list[dict[str, Any]]:
+    """Per model: does its flux rise more on content than on function tokens, relative to ``reference``?
+
+    Per text, the mean paired difference on content tokens minus that on function tokens; the mean over texts with a
+    bootstrap interval over texts. Positive: the model moved flux toward content tokens, relative to the reference.
+    """
+    from peft_infosteer.analysis.stats import bootstrap_mean
+
+    keys = ["text_id", "position"]
+    ref = tokens.loc[tokens["model"] == reference, [*keys, value]]
+    rows = []
+    for model in tokens["model"].unique():
+        if model == reference:
+            continue
+        joined = tokens[tokens["model"] == model].merge(ref, on=keys, suffixes=("", "_ref"))
+        joined["diff"] = joined[value] - joined[f"{value}_ref"]
+        per_class = joined.groupby(["text_id", "token_class"])["diff"].mean().unstack()
+        contrast = (per_class["content"] - per_class["function"]).dropna()
+        b = bootstrap_mean(contrast.to_numpy(), n_boot=n_boot, seed=0)
+        rows.append(dict(model=model, value=value, texts=b.n, mean=b.mean, ci_low=b.low, ci_high=b.high))
+    return rows
 
 
 def _records(frame) -> list[dict[str, Any]]:
@@ -143,6 +170,18 @@ def markdown(summary: dict[str, Any]) -> str:
         raw = f"{r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
         adj = "" if res is None else f"{res['mean_diff']:+.4f} [{res['ci_low']:+.4f}, {res['ci_high']:+.4f}]"
         lines.append(f"| {r['model']} | {r['token_class']} | {r['n_tokens']} | {raw} | {adj} |")
+    lines += [
+        "",
+        "Shift toward content tokens, relative to SFT: per text, (flux - SFT's) on content tokens minus the same on "
+        "function tokens; mean over texts, 95% bootstrap interval over texts. Positive: toward content.",
+        "",
+        "| model | flux | texts | content - function shift |",
+        "|---|---|---|---|",
+    ]
+    for r in summary["content_minus_function"]:
+        kind = "raw" if r["value"] == "flux" else "surprisal residual"
+        shift = f"{r['mean']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        lines.append(f"| {r['model']} | {kind} | {r['texts']} | {shift} |")
     return "\n".join(lines) + "\n"
 
 

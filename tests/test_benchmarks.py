@@ -282,3 +282,22 @@ def test_gpu_cost_counts_bytes_of_eager_ops_and_generated_kernels():
     assert 0 < whole < compiled < eager / 5
     ffn = gpu_cost.ffn_cost(64, 256, tokens_per_step=1024)
     assert ffn["flops_per_token"] == pytest.approx(12 * 64 * 256)  # 3 matmuls forward, 3 input gradients backward
+
+
+@pytest.mark.slow
+def test_flux_classes_quick_compares_trained_adapters_per_token_class(tiny_dir, tmp_path):
+    cmd = [sys.executable, str(BENCH / "flux_classes.py"), "--quick", "--model", str(tiny_dir), "--out", str(tmp_path)]
+    cmd += ["--threads", "1", "--quiet", "--train-tasks", "arc_easy,openbookqa"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out,) = (tmp_path / "flux-classes").iterdir()
+    result = json.loads((out / "results.json").read_text())
+    models = {"base", "InfoSteer fixed", "InfoSteer target"}
+    assert {r["model"] for r in result["differences"]} == models
+    assert {(r["model"], r["value"]) for r in result["content_minus_function"]} == {
+        (m, v) for m in models for v in ("flux", "flux_residual")
+    }
+    assert all(r["ci_low"] <= r["mean"] <= r["ci_high"] for r in result["content_minus_function"])
+    assert (out / "class_differences_residual.png").is_file() and "content - function" in (
+        out / "results.md"
+    ).read_text()
