@@ -61,12 +61,12 @@ def method_params(method: str, chosen: dict[str, float]) -> dict[str, Any]:
     if method == "infosteer-flatten":
         return {"intervention": "flatten", "flatten_strength": chosen["flatten_strength"], "entropy_weight": 0.0}
     if method == "infosteer-target":
-        return target_params(chosen["target_rise"])
+        return target_params(chosen["target_rise"], chosen.get("target_start_weight", TARGET_START_WEIGHT))
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def target_params(rise: float) -> dict[str, Any]:
-    return {"intervention": "gain", "entropy_weight": TARGET_START_WEIGHT, "flux_target_rise": rise}
+def target_params(rise: float, start: float = TARGET_START_WEIGHT) -> dict[str, Any]:
+    return {"intervention": "gain", "entropy_weight": start, "flux_target_rise": rise}
 
 
 def build_peft_model(base: torch.nn.Module, params: dict[str, Any], args: argparse.Namespace, seed: int):
@@ -116,7 +116,7 @@ def batch_order(lengths: list[int], steps: int, batch_size: int, seed: int, buck
     cut into batches whose order is then shuffled, so batches hold similar lengths (less padding, same data).
 
     >>> batch_order([3, 1, 2, 5], steps=2, batch_size=2, seed=0, bucket=2)
-    [[1, 2], [0, 3]]
+    [[0, 3], [1, 2]]
     """
     rng = random.Random(f"data:{seed}")
     order: list[int] = []
@@ -312,7 +312,8 @@ def _point_label(params: dict[str, Any]) -> str:
     if not params:
         return "sft"
     if params.get("flux_target_rise") is not None:
-        return f"target-r{params['flux_target_rise']:g}"
+        start = params["entropy_weight"]
+        return f"target-r{params['flux_target_rise']:g}" + ("" if start == TARGET_START_WEIGHT else f"-s{start:g}")
     if params["intervention"] == "flatten":
         return f"flatten-a{params['flatten_strength']:g}" + (
             f"-w{params['entropy_weight']:g}" if params.get("entropy_weight") else ""
@@ -452,7 +453,9 @@ def sweep_grid(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]
         ("infosteer-flatten", {"intervention": "flatten", "flatten_strength": a, "entropy_weight": 0.0})
         for a in args.sweep_flatten_strengths
     ]
-    points += [("infosteer-target", target_params(r)) for r in args.sweep_target_rises]
+    points += [
+        ("infosteer-target", target_params(r, w)) for w in args.sweep_target_starts for r in args.sweep_target_rises
+    ]
     return [(method, _point_label(params), params) for method, params in points]
 
 
@@ -491,10 +494,14 @@ def run_sweep(runner: Runner, args: argparse.Namespace) -> dict[str, Any]:
         cands = [p for p in points if p["method"] == method]
         if not cands:
             continue
-        # ties go to the smaller value (the milder intervention)
+        # ties go to the smaller value (the milder intervention), then to the smaller starting lambda
         param = params.get(method, "entropy_weight")
-        best = max(cands, key=lambda p: (round(p["dev"][PRIMARY], 6), -p["params"][param]))
+        best = max(
+            cands, key=lambda p: (round(p["dev"][PRIMARY], 6), -p["params"][param], -p["params"]["entropy_weight"])
+        )
         chosen[key] = best["params"][param]
+        if method == "infosteer-target":
+            chosen["target_start_weight"] = best["params"]["entropy_weight"]
     return {
         "seed": args.sweep_seed,
         "steps": args.sweep_steps,
@@ -730,12 +737,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-gain-weights", type=_floats, default=[10.0, 100.0])
     p.add_argument("--sweep-flatten-strengths", type=_floats, default=[0.05, 0.2])
     p.add_argument("--sweep-target-rises", type=_floats, default=[0.005, 0.01, 0.02])
+    p.add_argument(
+        "--sweep-target-starts",
+        type=_floats,
+        default=[TARGET_START_WEIGHT],
+        help="where lambda starts (entropy_weight)",
+    )
     p.add_argument("--no-sweep", action="store_true", help="skip the sweep; use the values given below")
     p.add_argument("--sweep-only", action="store_true", help="run (or report) the dev sweep, then stop")
     p.add_argument("--entropy-weight", type=float, default=None, help="override the swept value")
     p.add_argument("--gain-entropy-weight", type=float, default=None, help="override the swept value")
     p.add_argument("--flatten-strength", type=float, default=None, help="override the swept value")
     p.add_argument("--target-rise", type=float, default=None, help="override the swept value")
+    p.add_argument("--target-start-weight", type=float, default=None, help="override the swept value")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(common.DTYPES), default="float32", help="autocast dtype for training")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -785,6 +799,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep = None
     chosen = {"entropy_weight": 0.1, "gain_entropy_weight": 0.1, "flatten_strength": 0.1, "target_rise": 0.01}
+    chosen["target_start_weight"] = TARGET_START_WEIGHT
     if not args.no_sweep:
         print("sweep (ID dev split)", flush=True)
         base_dev = runner.base_eval("dev")
@@ -792,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         if base_dev is not None:
             sweep["base_dev"] = {m: dev_score(base_dev, m) for m in METRICS}
         chosen.update(sweep["chosen"])
-    for key in ("entropy_weight", "gain_entropy_weight", "flatten_strength", "target_rise"):
+    for key in ("entropy_weight", "gain_entropy_weight", "flatten_strength", "target_rise", "target_start_weight"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
     print(f"chosen hyper-parameters: {chosen}", flush=True)

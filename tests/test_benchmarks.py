@@ -200,6 +200,7 @@ def test_efficacy_quick_end_to_end_and_resume(tiny_dir, tmp_path):
         "gain_entropy_weight",
         "flatten_strength",
         "target_rise",
+        "target_start_weight",
     }
     assert (tmp_path / "q" / "results.md").is_file() and (tmp_path / "q" / "differences.png").is_file()
     # the seed-0 test runs reused the sweep's trainings instead of training again
@@ -216,6 +217,7 @@ def test_efficacy_quick_end_to_end_and_resume(tiny_dir, tmp_path):
     given = ["--no-sweep", "--entropy-weight", str(chosen["entropy_weight"])]
     given += ["--gain-entropy-weight", str(chosen["gain_entropy_weight"])]
     given += ["--flatten-strength", str(chosen["flatten_strength"]), "--target-rise", str(chosen["target_rise"])]
+    given += ["--target-start-weight", str(chosen["target_start_weight"])]
     no_sweep = subprocess.run([*cmd, "--report-only", *given], capture_output=True, text=True, timeout=300)
     assert no_sweep.returncode == 0, no_sweep.stderr[-3000:]
     report = (tmp_path / "q" / "results.md").read_text()
@@ -301,3 +303,11 @@ def test_flux_classes_quick_compares_trained_adapters_per_token_class(tiny_dir, 
     assert (out / "class_differences_residual.png").is_file() and "content - function" in (
         out / "results.md"
     ).read_text()
+
+
+@pytest.mark.parametrize("module", [common, efficacy, mc_eval, stats], ids=lambda m: m.__name__)
+def test_benchmark_docstring_examples(module):
+    import doctest
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
