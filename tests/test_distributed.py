@@ -282,15 +282,15 @@ def test_ddp_flux_metric_covers_every_rank_at_the_end_of_an_epoch(tmp_path):
     output = _run([*cmd, str(script), str(model_dir), str(data), str(tmp_path / "out")])
     local: dict[int, dict[int, tuple[float, float]]] = {}  # step -> rank -> (flux sum, token count)
     logged: dict[int, float] = {}
-    for line in output.splitlines():
-        if line.startswith(("LOCAL", "LOGGED")):
-            fields = dict(field.split("=", 1) for field in line.split()[1:])
-            if line.startswith("LOCAL"):
-                stats = (float(fields["sum"]), float(fields["count"]))
-                local.setdefault(int(fields["step"]), {})[int(fields["rank"])] = stats
-            else:
-                logged[int(fields["step"])] = float(fields["flux"])
-    assert sorted(logged) == [1, 2] and all(sorted(ranks) == [0, 1] for ranks in local.values()), output[-3000:]
+    # the two ranks share stdout and their lines can run together: match records, not lines
+    number = r"[-+0-9.eE]+"
+    records = re.findall(rf"LOCAL rank=(\d) step=(\d+) sum=({number}) count=({number})", output)
+    for rank, step, flux_sum, count in records:
+        local.setdefault(int(step), {})[int(rank)] = (float(flux_sum), float(count))
+    for step, flux in re.findall(rf"LOGGED step=(\d+) flux=({number})", output):
+        logged[int(step)] = float(flux)
+    every_rank = all(sorted(ranks) == [0, 1] for ranks in local.values())
+    assert sorted(logged) == sorted(local) == [1, 2] and every_rank, output[-3000:]
     for step, ranks in local.items():
         expected = sum(s for s, _ in ranks.values()) / sum(c for _, c in ranks.values())
         assert logged[step] == pytest.approx(expected, rel=1e-6), (step, ranks)
