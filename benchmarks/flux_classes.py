@@ -7,12 +7,17 @@ against SFT, raw and after regressing out each token's surprisal.
 
 The adapters are the efficacy benchmark's seed-0 trainings of those methods (``efficacy.py``: same data, LoRA, steps,
 schedule); they are taken from its local cache under ``results/<name>/adapters/`` or trained again (deterministic).
-The texts are test documents of the ID tasks (never trained on, never used for a choice), question + gold answer as
-chat examples, as in training.
+The texts are test documents of the ID tasks (never trained on, never used for a choice), question + gold answer in
+the layout training used (chat examples, or the plain rc layout for a tokenizer without a chat template).
 
     python benchmarks/flux_classes.py --model smollm2     # writes results/flux-classes/smollm2/
     python benchmarks/flux_classes.py --model gemma3
     python benchmarks/flux_classes.py --quick             # tiny run, for the tests
+
+Efficacy options override the run's chosen settings, e.g. the flux target of the dev sweep on an older result set:
+
+    python benchmarks/flux_classes.py --model smollm2 --gain-entropy-weight 100 \
+        --target-rise 0.01 --target-start-weight 10
 """
 
 from __future__ import annotations
@@ -32,10 +37,16 @@ LABELS = {"sft": "SFT", "infosteer-gain": "InfoSteer fixed", "infosteer-target":
 CLASSES = ("content", "function", "punctuation", "number", "operator")
 
 
-def held_out_texts(runner: efficacy.Runner, args: argparse.Namespace, n: int) -> list[list[dict[str, str]]]:
-    """``n`` test documents of the ID tasks, round-robin over tasks, as chat examples (question, gold answer)."""
+def held_out_texts(runner: efficacy.Runner, args: argparse.Namespace, n: int) -> list[Any]:
+    """``n`` test documents of the ID tasks, round-robin over tasks, in the layout training used.
+
+    Chat examples (question, gold answer) where the tokenizer has a chat template; otherwise the plain rc layout of
+    ``common.tokenize_chat_example`` (``"<question>\nAnswer: <answer>"``), as a text.
+    """
     per_task = [runner.splits[t]["test"] for t in args.train_tasks]
     docs = [d for group in zip(*per_task) for d in group][:n]
+    if getattr(runner.tokenizer, "chat_template", None) is None:
+        return [f"{mc_eval.chat_question(d['query'])}\nAnswer: {d['choices'][d['gold']]}" for d in docs]
     return [
         [
             {"role": "user", "content": mc_eval.chat_question(d["query"])},
@@ -46,8 +57,15 @@ def held_out_texts(runner: efficacy.Runner, args: argparse.Namespace, n: int) ->
 
 
 def chosen_hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The efficacy run's chosen settings, with any given on the command line (e.g. ``--target-rise``) on top."""
     results = json.loads((args.out / args.name / "results.json").read_text())
-    return results["chosen_hyperparameters"]
+    chosen = dict(results["chosen_hyperparameters"])
+    for key in ("gain_entropy_weight", "target_rise", "target_start_weight"):
+        if getattr(args, key) is not None:
+            chosen[key] = getattr(args, key)
+    if "target_rise" not in chosen:
+        raise SystemExit(f"{args.name}: no flux target was chosen in this efficacy run; pass --target-rise")
+    return chosen
 
 
 def models(runner: efficacy.Runner, args: argparse.Namespace, chosen: dict[str, Any]):
@@ -157,9 +175,9 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# Flux per token class, against SFT: {summary['model']}",
         "",
-        f"{summary['texts']} held-out texts (ID test documents as chat examples), seed-{summary['seed']} adapters of "
-        "the efficacy benchmark. Paired by token, 95% bootstrap intervals over texts; `residual`: after regressing "
-        "out surprisal (per model, linear).",
+        f"{summary['texts']} held-out texts (ID test documents, question and gold answer in the training layout), "
+        f"seed-{summary['seed']} adapters of the efficacy benchmark. Paired by token, 95% bootstrap intervals over "
+        "texts; `residual`: after regressing out surprisal (per model, linear).",
         "",
         "| model | class | tokens | flux - SFT | residual flux - SFT |",
         "|---|---|---|---|---|",

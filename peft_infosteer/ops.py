@@ -1,13 +1,14 @@
 """The InfoSteer math (docs/design.md, section 1): usage distribution, information flux, interventions.
 
-Everything is computed in float32 whatever the input dtype. ``information_flux`` is the plain-autograd reference.
-What training uses, ``fused_information_flux``, ``gain_keys`` and ``flatten_keys``, runs by default as a
+Everything is computed in float32 whatever the input dtype. ``information_flux`` is the plain-autograd reference. What
+training uses, ``fused_information_flux``, ``gain_keys`` and ``flatten_keys``, runs by default as a
 ``torch.compile``-d plain formula: the compiler fuses the forward into one read of ``k`` and derives a fused backward
-(on CPU about 3x faster than the hand-written closed form). Where ``torch.compile`` is unavailable or fails, and when
-it is switched off (``PEFT_INFOSTEER_COMPILE=0`` or :func:`set_compiled_math`), the eager autograd functions with
-closed-form backward of ``peft_infosteer._closed_form`` are used; both give the same values and gradients (tested).
-Inside a model that the user compiles, the plain formula is traced into the user's graph. Nothing here reads a
-tensor's value on the host.
+(on CPU about 3x faster than the hand-written closed form); ``flatten`` compiles its forward and its closed-form
+backward separately, so that it saves only its output, as the closed form does. Where ``torch.compile`` is unavailable
+or fails, and when it is switched off (``PEFT_INFOSTEER_COMPILE=0`` or :func:`set_compiled_math`), the eager autograd
+functions with closed-form backward of ``peft_infosteer._closed_form`` are used; both give the same values and
+gradients (tested). Inside a model that the user compiles, the plain formula is traced into the user's graph. Nothing
+here reads a tensor's value on the host.
 """
 
 from __future__ import annotations
@@ -59,25 +60,40 @@ def compiled_math_enabled() -> bool:
     return bool(_compile_state["enabled"])
 
 
-def _dispatch(name: str, formula: Callable[..., Any], eager: Callable[..., Any], *args: Any) -> Any:
+def _dispatch(
+    name: str,
+    formula: Callable[..., Any],
+    eager: Callable[..., Any],
+    *args: Any,
+    compiled_entry: Callable[..., Any] | None = None,
+) -> Any:
+    """``formula`` compiled (or ``compiled_entry``, which compiles its own parts), else ``eager``."""
     if torch.compiler.is_compiling():
         return formula(*args)  # the user's torch.compile traces the formula into its own graph
     if _compile_state["enabled"]:
-        compiled = _compile_state["compiled"].get(name)
-        if compiled is None:
-            compiled = _compile_state["compiled"][name] = torch.compile(formula, dynamic=True)
         try:
-            return compiled(*args)
+            return compiled_entry(*args) if compiled_entry is not None else _compiled(name, formula)(*args)
         except Exception as exc:  # no C++ compiler, an unsupported backend, ...: fall back for good, once
-            _compile_state["enabled"] = False
-            warnings.warn(
-                f"peft_infosteer: torch.compile of the InfoSteer math failed ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager closed-form functions instead "
-                "(same results, slower). Set PEFT_INFOSTEER_COMPILE=0 to skip the attempt.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _compile_failed(exc)
     return eager(*args)
+
+
+def _compiled(name: str, formula: Callable[..., Any]) -> Callable[..., Any]:
+    compiled = _compile_state["compiled"].get(name)
+    if compiled is None:
+        compiled = _compile_state["compiled"][name] = torch.compile(formula, dynamic=True)
+    return compiled
+
+
+def _compile_failed(exc: Exception) -> None:
+    _compile_state["enabled"] = False
+    warnings.warn(
+        f"peft_infosteer: torch.compile of the InfoSteer math failed ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager closed-form functions instead "
+        "(same results, slower). Set PEFT_INFOSTEER_COMPILE=0 to skip the attempt.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _check_usage(usage: str, temperature: float) -> None:
@@ -191,9 +207,42 @@ def flatten_keys(k: torch.Tensor, strength: float) -> torch.Tensor:
         raise ValueError(f"flatten_strength must be in [0, 1], got {strength!r}")
     if strength == 0.0:
         return k
-    return _dispatch("flatten", _flatten_formula, Flatten.apply, k, float(strength))
+    return _dispatch(
+        "flatten", _flatten_formula, Flatten.apply, k, float(strength), compiled_entry=_CompiledFlatten.apply
+    )
 
 
 def _flatten_formula(k: torch.Tensor, strength: float) -> torch.Tensor:
     shift = strength * k.abs().mean(dim=-1, keepdim=True, dtype=torch.float32).to(k.dtype)
     return k * (1.0 - strength) + torch.sign(k) * shift
+
+
+def _flatten_backward_formula(grad_out: torch.Tensor, saved: torch.Tensor, strength: float) -> torch.Tensor:
+    sign = torch.sign(saved)
+    proj = (grad_out * sign).sum(dim=-1, keepdim=True, dtype=torch.float32) * (strength / saved.shape[-1])
+    return grad_out * (1.0 - strength) + sign * proj.to(grad_out.dtype)
+
+
+class _CompiledFlatten(torch.autograd.Function):
+    """``flatten_keys`` as compiled kernels that save what the closed form saves: only ``k'`` (``k`` in float16).
+
+    Compiling the plain formula whole would let the compiler keep ``k`` for backward beside the ``k'`` the output
+    projection holds anyway (+1 key tensor per layer); why ``k'`` suffices is in ``_closed_form.Flatten``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, k: torch.Tensor, strength: float) -> torch.Tensor:
+        out = _compiled("flatten-forward", _flatten_formula)(k, strength)
+        ctx.save_for_backward(k if k.dtype == torch.float16 else out)
+        ctx.strength = strength
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (saved,) = ctx.saved_tensors
+        if _compile_state["enabled"]:
+            try:
+                return _compiled("flatten-backward", _flatten_backward_formula)(grad_out, saved, ctx.strength), None
+            except Exception as exc:
+                _compile_failed(exc)
+        return _flatten_backward_formula(grad_out, saved, ctx.strength), None

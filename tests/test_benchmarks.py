@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -311,3 +312,19 @@ def test_benchmark_docstring_examples(module):
 
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_flux_classes_texts_follow_the_training_layout():
+    """A tokenizer without a chat template (Gemma-3's GGUF) trains on the rc layout: the texts measured must too."""
+    import flux_classes
+
+    doc = {"query": "Question: Why?\nAnswer:", "choices": ["no", "because"], "gold": 1}
+    splits = {"arc_easy": {"test": [doc, doc]}}
+    args = SimpleNamespace(train_tasks=["arc_easy"])
+    plain = flux_classes.held_out_texts(SimpleNamespace(splits=splits, tokenizer=SimpleNamespace()), args, 1)
+    assert plain == [f"{mc_eval.chat_question(doc['query'])}\nAnswer: because"]
+    chat_tokenizer = SimpleNamespace(chat_template="{{ messages }}")
+    chat = flux_classes.held_out_texts(SimpleNamespace(splits=splits, tokenizer=chat_tokenizer), args, 2)
+    assert len(chat) == 2 and chat[0][1] == {"role": "assistant", "content": "because"}
+    # the rc text is what training tokenizes for such a tokenizer (common.tokenize_chat_example), answer included
+    assert plain[0].endswith("\nAnswer: because") and "Answer:\nAnswer:" not in plain[0]

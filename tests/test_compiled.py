@@ -56,8 +56,9 @@ def test_compiled_flux_equals_the_eager_closed_form(compiled, usage, dtype):
 
 
 def test_compiled_interventions_equal_the_eager_ones(compiled):
-    k = torch.randn(2, 5, 64).to(torch.bfloat16)
-    gain = torch.rand(64) + 0.5
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 5, 64, generator=g).to(torch.bfloat16)
+    gain = torch.rand(64, generator=g) + 0.5
     results = {}
     for enabled in (True, False):
         ops.set_compiled_math(enabled)
@@ -66,7 +67,9 @@ def test_compiled_interventions_equal_the_eager_ones(compiled):
         (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         results[enabled] = (out.detach(), kk.grad, gg.grad)
     for got, want in zip(results[True], results[False]):
-        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+        # bfloat16: the compiled kernels round once where eager rounds after every op; the gain's gradient sums
+        # such products over rows, so compare whole tensors, as for the flux above
+        assert float((got.double() - want.double()).norm() / want.double().norm()) < 1e-2
 
 
 CASES = {
@@ -142,3 +145,24 @@ def test_a_failing_compile_falls_back_to_eager_once(compiled, monkeypatch):
         flux, _ = ops.fused_information_flux(k)
     assert not ops.compiled_math_enabled()
     torch.testing.assert_close(flux, ops.information_flux(k), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_flatten_saves_only_what_the_closed_form_saves(compiled, dtype):
+    """Compiling flatten whole kept ``k`` for backward beside ``k'`` (+8% peak memory in the overhead benchmark)."""
+    k = torch.randn(3, 5, 64).to(dtype)
+    k[0, 0, :7] = 0.0
+    grad = torch.randn_like(k)
+    results = {}
+    for enabled in (True, False):
+        ops.set_compiled_math(enabled)
+        packed: list[torch.Tensor] = []
+        kk = k.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=packed: saved.append(t) or t, lambda t: t):
+            out = ops.flatten_keys(kk, 0.3)
+        out.backward(grad)
+        assert len(packed) == 1 and packed[0] is (kk if dtype == torch.float16 else out), enabled
+        results[enabled] = (out.detach(), kk.grad)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for got, want in zip(results[True], results[False]):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
