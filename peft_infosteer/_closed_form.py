@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["FusedFlux", "Flatten", "Gain"]
+__all__ = ["FusedFlux", "Flatten", "Gain", "flatten_backward"]
 
 # Rows are processed in chunks of about this many elements so the float32 temporaries stay small.
 _CHUNK_ELEMENTS = 1 << 22
@@ -161,10 +161,14 @@ class Flatten(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (saved,) = ctx.saved_tensors
-        a = ctx.strength
-        sign = torch.sign(saved)
-        # (a / d) * sum_j g_j sign(k_j), accumulated in float32
-        proj = (grad_out * sign).sum(dim=-1, keepdim=True, dtype=torch.float32) * (a / saved.shape[-1])
-        grad = grad_out * (1.0 - a)
-        grad.add_(sign.mul_(proj.to(grad_out.dtype)))
-        return grad, None
+        return flatten_backward(grad_out, saved, ctx.strength), None
+
+
+def flatten_backward(grad_out: torch.Tensor, saved: torch.Tensor, strength: float) -> torch.Tensor:
+    """The gradient of ``flatten`` from ``sign(k)`` alone (``saved`` is ``k'`` or ``k``, see :class:`Flatten`)."""
+    sign = torch.sign(saved)
+    # (a / d) * sum_j g_j sign(k_j), accumulated in float32
+    proj = (grad_out * sign).sum(dim=-1, keepdim=True, dtype=torch.float32) * (strength / saved.shape[-1])
+    grad = grad_out * (1.0 - strength)
+    grad.add_(sign.mul_(proj.to(grad_out.dtype)))
+    return grad

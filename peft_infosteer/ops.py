@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from ._closed_form import Flatten, FusedFlux, Gain
+from ._closed_form import Flatten, FusedFlux, Gain, flatten_backward
 
 __all__ = [
     "USAGE_MODES",
@@ -217,12 +217,6 @@ def _flatten_formula(k: torch.Tensor, strength: float) -> torch.Tensor:
     return k * (1.0 - strength) + torch.sign(k) * shift
 
 
-def _flatten_backward_formula(grad_out: torch.Tensor, saved: torch.Tensor, strength: float) -> torch.Tensor:
-    sign = torch.sign(saved)
-    proj = (grad_out * sign).sum(dim=-1, keepdim=True, dtype=torch.float32) * (strength / saved.shape[-1])
-    return grad_out * (1.0 - strength) + sign * proj.to(grad_out.dtype)
-
-
 class _CompiledFlatten(torch.autograd.Function):
     """``flatten_keys`` as compiled kernels that save what the closed form saves: only ``k'`` (``k`` in float16).
 
@@ -242,7 +236,7 @@ class _CompiledFlatten(torch.autograd.Function):
         (saved,) = ctx.saved_tensors
         if _compile_state["enabled"]:
             try:
-                return _compiled("flatten-backward", _flatten_backward_formula)(grad_out, saved, ctx.strength), None
+                return _compiled("flatten-backward", flatten_backward)(grad_out, saved, ctx.strength), None
             except Exception as exc:
                 _compile_failed(exc)
-        return _flatten_backward_formula(grad_out, saved, ctx.strength), None
+        return flatten_backward(grad_out, saved, ctx.strength), None
