@@ -95,6 +95,11 @@ def split_docs(
     }
 
 
+def rc_prompt(question: str) -> str:
+    """The plain rc layout's prompt, for tokenizers without a chat template: the answer follows after a space."""
+    return f"{question}\nAnswer:"
+
+
 def tokenize_chat_example(tokenizer: Any, question: str, answer: str, max_length: int = 256) -> dict[str, list[int]]:
     """A chat-format SFT example: ``input_ids`` and ``labels`` with the loss on the assistant turn only.
 
@@ -104,7 +109,7 @@ def tokenize_chat_example(tokenizer: Any, question: str, answer: str, max_length
     """
     if getattr(tokenizer, "chat_template", None) is None:
         # base models without a chat template (e.g. the Gemma-3-270M GGUF): the rc layout, ended by EOS
-        prompt = f"{question}\nAnswer:"
+        prompt = rc_prompt(question)
         full = f"{prompt} {answer}{tokenizer.eos_token or ''}"
         bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         prompt_ids = bos + tokenizer(prompt, add_special_tokens=False).input_ids

@@ -65,6 +65,13 @@ def method_params(method: str, chosen: dict[str, float]) -> dict[str, Any]:
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
+def apply_overrides(chosen: dict[str, Any], args: argparse.Namespace) -> None:
+    """Put the hyper-parameters given on the command line (``--target-rise`` ...) over ``chosen``, in place."""
+    for key in ("entropy_weight", "gain_entropy_weight", "flatten_strength", "target_rise", "target_start_weight"):
+        if getattr(args, key) is not None:
+            chosen[key] = getattr(args, key)
+
+
 def target_params(rise: float, start: float = TARGET_START_WEIGHT) -> dict[str, Any]:
     return {"intervention": "gain", "entropy_weight": start, "flux_target_rise": rise}
 
@@ -807,9 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         if base_dev is not None:
             sweep["base_dev"] = {m: dev_score(base_dev, m) for m in METRICS}
         chosen.update(sweep["chosen"])
-    for key in ("entropy_weight", "gain_entropy_weight", "flatten_strength", "target_rise", "target_start_weight"):
-        if getattr(args, key) is not None:
-            chosen[key] = getattr(args, key)
+    apply_overrides(chosen, args)
     print(f"chosen hyper-parameters: {chosen}", flush=True)
     if args.sweep_only:
         for point in (sweep or {}).get("points", []):

@@ -46,7 +46,7 @@ def held_out_texts(runner: efficacy.Runner, args: argparse.Namespace, n: int) ->
     per_task = [runner.splits[t]["test"] for t in args.train_tasks]
     docs = [d for group in zip(*per_task) for d in group][:n]
     if getattr(runner.tokenizer, "chat_template", None) is None:
-        return [f"{mc_eval.chat_question(d['query'])}\nAnswer: {d['choices'][d['gold']]}" for d in docs]
+        return [f"{common.rc_prompt(mc_eval.chat_question(d['query']))} {d['choices'][d['gold']]}" for d in docs]
     return [
         [
             {"role": "user", "content": mc_eval.chat_question(d["query"])},
@@ -60,9 +60,7 @@ def chosen_hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
     """The efficacy run's chosen settings, with any given on the command line (e.g. ``--target-rise``) on top."""
     results = json.loads((args.out / args.name / "results.json").read_text())
     chosen = dict(results["chosen_hyperparameters"])
-    for key in ("gain_entropy_weight", "target_rise", "target_start_weight"):
-        if getattr(args, key) is not None:
-            chosen[key] = getattr(args, key)
+    efficacy.apply_overrides(chosen, args)
     if "target_rise" not in chosen:
         raise SystemExit(f"{args.name}: no flux target was chosen in this efficacy run; pass --target-rise")
     return chosen

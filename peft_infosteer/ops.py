@@ -234,9 +234,4 @@ class _CompiledFlatten(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
         (saved,) = ctx.saved_tensors
-        if _compile_state["enabled"]:
-            try:
-                return _compiled("flatten-backward", flatten_backward)(grad_out, saved, ctx.strength), None
-            except Exception as exc:
-                _compile_failed(exc)
-        return flatten_backward(grad_out, saved, ctx.strength), None
+        return _dispatch("flatten-backward", flatten_backward, flatten_backward, grad_out, saved, ctx.strength), None
