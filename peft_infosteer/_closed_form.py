@@ -16,10 +16,10 @@ __all__ = ["FusedFlux", "Flatten", "Gain", "flatten_backward"]
 # Rows are processed in chunks of about this many elements so the float32 temporaries stay small.
 _CHUNK_ELEMENTS = 1 << 22
 # the smallest positive float32: clamping |k| to it before a log changes no nonzero value
-_SMALLEST_SUBNORMAL = 2.0**-149
+SMALLEST_SUBNORMAL = 2.0**-149
 # Per-row gradient coefficients are clamped into this range so that pathological inputs (a key vector whose total
 # magnitude is denormal) give a huge but finite gradient instead of inf.
-_COEF_LIMIT = 1e30
+COEF_LIMIT = 1e30
 
 
 def _rows_per_chunk(d: int) -> int:
@@ -88,7 +88,7 @@ class FusedFlux(torch.autograd.Function):
             if ctx.softmax:
                 logp = torch.log_softmax(x / ctx.temperature, dim=-1)
                 p = logp.exp()
-                coef = (g[sl] / (ctx.temperature * ctx.log_d)).clamp(-_COEF_LIMIT, _COEF_LIMIT).float().unsqueeze(-1)
+                coef = (g[sl] / (ctx.temperature * ctx.log_d)).clamp(-COEF_LIMIT, COEF_LIMIT).float().unsqueeze(-1)
                 # dF/dk_i = -p_i (log p_i + H) / (tau log d)
                 gx = torch.where(p > 0, -p * (logp + h), torch.zeros_like(p)) * coef
             else:
@@ -96,13 +96,13 @@ class FusedFlux(torch.autograd.Function):
                 total = scale[sl].clamp_min(torch.finfo(torch.float32).tiny).double() * norm[sl].double()
                 defined = (total > 0) & torch.isfinite(total)  # an all-zero row, or one with inf (half precision)
                 coef = torch.where(defined, g[sl] / (total * ctx.log_d), torch.zeros_like(total))
-                coef = coef.clamp(-_COEF_LIMIT, _COEF_LIMIT).unsqueeze(-1)
+                coef = coef.clamp(-COEF_LIMIT, COEF_LIMIT).unsqueeze(-1)
                 log_total = torch.where(defined, total, torch.ones_like(total)).log().unsqueeze(-1)
                 # dF/dk_i = sign(k_i) (-log p_i - H) / (S log d) = coef sign(k_i) (log S - H - log|k_i|), 0 at k_i = 0;
                 # per row only coef and coef (log S - H) are needed, so no p of size rows x d_ff is formed.
                 # Clamping |k| to [smallest subnormal, max] changes no finite nonzero value and keeps the log finite.
                 offset = (coef * (log_total - h.double())).float()
-                log_abs = x.abs().clamp_(_SMALLEST_SUBNORMAL, torch.finfo(torch.float32).max).log_()
+                log_abs = x.abs().clamp_(SMALLEST_SUBNORMAL, torch.finfo(torch.float32).max).log_()
                 gx = torch.sign(x).mul_(torch.addcmul(offset, log_abs, coef.float(), value=-1.0))
             if out_max is not None:
                 gx = gx.clamp_(-out_max, out_max)

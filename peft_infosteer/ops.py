@@ -1,14 +1,15 @@
 """The InfoSteer math (docs/design.md, section 1): usage distribution, information flux, interventions.
 
 Everything is computed in float32 whatever the input dtype. ``information_flux`` is the plain-autograd reference. What
-training uses, ``fused_information_flux``, ``gain_keys`` and ``flatten_keys``, runs by default as a
-``torch.compile``-d plain formula: the compiler fuses the forward into one read of ``k`` and derives a fused backward
-(on CPU about 3x faster than the hand-written closed form); ``flatten`` compiles its forward and its closed-form
-backward separately, so that it saves only its output, as the closed form does. Where ``torch.compile`` is unavailable
-or fails, and when it is switched off (``PEFT_INFOSTEER_COMPILE=0`` or :func:`set_compiled_math`), the eager autograd
-functions with closed-form backward of ``peft_infosteer._closed_form`` are used; both give the same values and
-gradients (tested). Inside a model that the user compiles, the plain formula is traced into the user's graph. Nothing
-here reads a tensor's value on the host.
+training uses, ``fused_information_flux``, ``gain_keys`` and ``flatten_keys``, runs compiled by default: the flux and
+``flatten`` as autograd functions whose forward and closed-form backward are each one ``torch.compile``-d kernel
+(one read of ``k`` forward; backward keeps only ``k`` and row statistics, resp. the output), the low-precision gain as a
+compiled formula, and a float32 gain on CPU as a plain product that keeps only its output (``_GainSavingOutput``).
+Where ``torch.compile`` is unavailable or fails, and when it is switched off (``PEFT_INFOSTEER_COMPILE=0`` or
+:func:`set_compiled_math`), the eager autograd functions with closed-form backward of ``peft_infosteer._closed_form``
+are used; both give the same values and gradients (tested). Inside a model that the user compiles, the same functions
+and formulas are traced into the user's graph. Nothing here reads a device tensor's value on the host; a float32 gain
+on CPU looks at its own values to choose what backward keeps.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from ._closed_form import Flatten, FusedFlux, Gain, flatten_backward
+from ._closed_form import COEF_LIMIT, SMALLEST_SUBNORMAL, Flatten, FusedFlux, Gain, flatten_backward
 
 __all__ = [
     "USAGE_MODES",
@@ -152,30 +153,119 @@ def fused_information_flux(
     if k.shape[-1] == 0:
         raise ValueError("the key vector k must have at least one coefficient (d_ff > 0)")
     softmax = usage == "softmax"
-    return _dispatch(f"flux-{usage}", _flux_formula, FusedFlux.apply, k, softmax, float(temperature))
+    return _dispatch(
+        f"flux-{usage}", _traced_flux, FusedFlux.apply, k, softmax, float(temperature), compiled_entry=_compiled_flux
+    )
 
 
-def _flux_formula(k: torch.Tensor, softmax: bool, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flux as a plain formula, for the compiler (which derives the backward); same results as ``FusedFlux``."""
+def _compiled_flux(k: torch.Tensor, softmax: bool, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _FluxFunction.apply(k, softmax, temperature, True)
+
+
+def _traced_flux(k: torch.Tensor, softmax: bool, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _FluxFunction.apply(k, softmax, temperature, False)
+
+
+def _entropy_terms(
+    k: torch.Tensor, softmax: bool, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entropy ``H`` per row, the valid mask, the row max of ``|k|`` and ``sum |k| / max`` (softmax: ``H`` again)."""
     d = k.shape[-1]
-    log_d = math.log(d) if d > 1 else 1.0
     k32 = k.float()
     if softmax:
         logp = torch.log_softmax(k32 / temperature, dim=-1)
-        h = -(logp.exp() * logp).sum(-1)
-        valid = torch.ones_like(h, dtype=torch.bool)
+        p = logp.exp()
+        # as FusedFlux: p log p = 0 where p is 0 or undefined (an inf key in half precision)
+        h = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+        return h, torch.ones_like(h, dtype=torch.bool), h, h
+    a = k32.abs()
+    # dividing by the row max keeps sums of huge values finite (F is scale-invariant)
+    amax = a.amax(dim=-1, keepdim=True).detach()
+    a = a / amax.clamp_min(_TINY)
+    s = a.sum(-1)
+    safe_s = s.clamp_min(_TINY)
+    # a log a with 0 log 0 = 0, and a gradient of 0 (not nan) where a = 0
+    log_a = torch.where(a > 0, a, torch.ones_like(a)).log()
+    h = safe_s.log() - (a * log_a).sum(-1) / safe_s
+    valid = s > 0
+    h = torch.where(valid, h, torch.zeros_like(h)).clamp(0.0, math.log(d) if d > 1 else 0.0)
+    return h, valid, amax.squeeze(-1), s
+
+
+def _log_d(k: torch.Tensor) -> float:
+    return math.log(k.shape[-1]) if k.shape[-1] > 1 else 1.0
+
+
+class _FluxFunction(torch.autograd.Function):
+    """The flux with ``FusedFlux``'s closed-form backward, unchunked, as two formulas the compiler fuses.
+
+    With ``compiled=True`` (the package's compiled path) forward and backward each run as one compiled kernel; with
+    ``False`` (inside a user's ``torch.compile``) both are traced into the user's graph. Either way backward keeps
+    ``k`` (held by the output projection anyway) and three numbers per row. Traced as a plain formula instead, the
+    compiler's partitioner kept a float32 ``|k| / max |k|`` for backward (+9% peak memory of a compiled SmolLM2 step),
+    and the derived backward of a row of subnormal keys overflowed to inf, where the closed form clamps.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, k: torch.Tensor, softmax: bool, temperature: float, compiled: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        forward = _compiled(f"flux-forward-{softmax}", _flux_forward) if compiled else _flux_forward
+        flux, valid, h, amax, s = forward(k, softmax, temperature)
+        ctx.save_for_backward(k, h, amax, s)
+        ctx.softmax, ctx.temperature, ctx.compiled = softmax, temperature, compiled
+        ctx.mark_non_differentiable(valid)
+        return flux, valid
+
+    @staticmethod
+    def backward(ctx: Any, grad_flux: torch.Tensor, _grad_valid: Any) -> tuple[torch.Tensor, None, None, None]:
+        k, h, amax, s = ctx.saved_tensors
+        args = (grad_flux, k, h, amax, s, ctx.softmax, ctx.temperature)
+        if not ctx.compiled:
+            return _flux_backward(*args), None, None, None
+        return _dispatch(f"flux-backward-{ctx.softmax}", _flux_backward, _flux_backward, *args), None, None, None
+
+
+def _flux_forward(
+    k: torch.Tensor, softmax: bool, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, valid, amax, s = _entropy_terms(k, softmax, temperature)
+    return h / _log_d(k), valid, h, amax, s
+
+
+def _flux_backward(
+    grad_flux: torch.Tensor,
+    k: torch.Tensor,
+    h: torch.Tensor,
+    amax: torch.Tensor,
+    s: torch.Tensor,
+    softmax: bool,
+    temperature: float,
+) -> torch.Tensor:
+    """``FusedFlux``'s closed-form gradient (docs/design.md, section 1) from ``k`` and the forward's row terms."""
+    x = k.float()
+    coef = (grad_flux.float() / _log_d(k)).unsqueeze(-1)
+    if softmax:
+        logp = torch.log_softmax(x / temperature, dim=-1)
+        p = logp.exp()
+        # dF/dk_i = -p_i (log p_i + H) / (tau log d)
+        grad = torch.where(p > 0, -p * (logp + h.unsqueeze(-1)), torch.zeros_like(p)) * (coef / temperature)
     else:
-        a = k32.abs()
-        # F is scale-invariant, so dividing by the detached row max (against overflow) leaves the gradient exact
-        a = a / a.amax(dim=-1, keepdim=True).detach().clamp_min(_TINY)
-        s = a.sum(-1)
-        safe_s = s.clamp_min(_TINY)
-        # a log a with 0 log 0 = 0, and a gradient of 0 (not nan) where a = 0
-        log_a = torch.where(a > 0, a, torch.ones_like(a)).log()
-        h = safe_s.log() - (a * log_a).sum(-1) / safe_s
-        valid = s > 0
-        h = torch.where(valid, h, torch.zeros_like(h)).clamp(0.0, math.log(d) if d > 1 else 0.0)
-    return h / log_d, valid
+        # dF/dk_i = sign(k_i) (log S - H - log|k_i|) / (S log d), S = max * s; 0 at k_i = 0 and for rows with no
+        # distribution. Dividing by max and s in turn keeps S from overflowing; the clamps as in FusedFlux.
+        defined = (s > 0) & torch.isfinite(amax)
+        # the forward divided by the clamped max, so S is the clamped max times s
+        safe_max = torch.where(defined, amax.clamp_min(_TINY), torch.ones_like(amax))
+        safe_s = torch.where(defined, s, torch.ones_like(s))
+        coef = torch.where(defined.unsqueeze(-1), coef / safe_max.unsqueeze(-1) / safe_s.unsqueeze(-1), 0.0)
+        coef = coef.clamp(-COEF_LIMIT, COEF_LIMIT)
+        log_total = (safe_max.log() + safe_s.log()).unsqueeze(-1)
+        log_abs = x.abs().clamp(SMALLEST_SUBNORMAL, torch.finfo(torch.float32).max).log()
+        grad = torch.sign(x) * (coef * (log_total - h.unsqueeze(-1) - log_abs))
+    if k.dtype.is_floating_point:
+        limit = torch.finfo(k.dtype).max
+        grad = grad.clamp(-limit, limit)
+    return grad.to(k.dtype)
 
 
 def gain_keys(k: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
@@ -187,12 +277,61 @@ def gain_keys(k: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     tensor([[1., 1.]])
     """
     if k.dtype == torch.float32 and gain.dtype == torch.float32:
+        if _saves_output(k, gain):
+            return _GainSavingOutput.apply(k, gain)
         return k * gain
     return _dispatch("gain", _gain_formula, Gain.apply, k, gain)
 
 
 def _gain_formula(k: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     return (k.float() * gain.float()).to(k.dtype)
+
+
+def _saves_output(k: torch.Tensor, gain: torch.Tensor) -> bool:
+    """Whether a float32 gain can keep ``k' = g * k`` for backward instead of ``k`` (see ``_GainSavingOutput``).
+
+    Only on CPU, where looking at the gain is no host-device synchronisation, and only if no gain is exactly 0 (``k``
+    cannot be recovered from ``k'`` there). Under the user's ``torch.compile`` the compiler chooses what to keep.
+    """
+    return (
+        k.device.type == "cpu"
+        and gain.device.type == "cpu"
+        and gain.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not bool((gain == 0).any())
+    )
+
+
+def _gain_backward(
+    grad_out: torch.Tensor, out: torch.Tensor, gain: torch.Tensor, needs_k: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Gradients of ``k' = g * k`` from ``k'``: ``dL/dg = sum_rows(dL/dk' * k) = sum_rows(dL/dk' * k') / g``."""
+    grad_gain = (grad_out * out).reshape(-1, out.shape[-1]).sum(0) / gain
+    return (grad_out * gain if needs_k else None), grad_gain
+
+
+class _GainSavingOutput(torch.autograd.Function):
+    """The float32 ``gain`` that keeps only ``k'`` (which the output projection keeps anyway) for backward.
+
+    Plain autograd of ``k * g`` keeps ``k`` for the gain's gradient beside the ``k'`` a stacked LoRA holds: one more
+    key tensor per layer (+8% peak memory, and the time to fill it, in a SmolLM2 step). Dividing the row sum by ``g``
+    recovers the same gradient (to float32 rounding); the backward is one compiled kernel, the eager formula where
+    compiling fails.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, k: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        out = k * gain
+        ctx.save_for_backward(out, gain)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        out, gain = ctx.saved_tensors
+        needs_k = bool(ctx.needs_input_grad[0])
+        name = "gain-backward" if needs_k else "gain-backward-gain-only"
+        return _dispatch(name, _gain_backward, _gain_backward, grad_out, out, gain, needs_k)
 
 
 def flatten_keys(k: torch.Tensor, strength: float) -> torch.Tensor:

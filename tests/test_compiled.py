@@ -166,3 +166,111 @@ def test_compiled_flatten_saves_only_what_the_closed_form_saves(compiled, dtype)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for got, want in zip(results[True], results[False]):
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("math", ["compiled", "eager"])
+@pytest.mark.parametrize("k_grad", [True, False])
+def test_float32_gain_keeps_only_its_output_and_gives_exact_gradients(compiled, math, k_grad):
+    """Plain ``k * g`` kept ``k`` for the gain's gradient beside the ``k'`` a stacked LoRA keeps (+8% peak memory)."""
+    ops.set_compiled_math(math == "compiled")
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(3, 5, 64, generator=g)
+    k[0, 0, :7] = 0.0
+    gain = torch.rand(64, generator=g) * 2 - 0.5  # signs and magnitudes of every kind, none exactly 0
+    grad = torch.randn(3, 5, 64, generator=g)
+    kk, gg = k.clone().requires_grad_(k_grad), gain.clone().requires_grad_(True)
+    packed: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        out = ops.gain_keys(kk, gg)
+    out.backward(grad)
+    assert len(packed) == 2 and packed[0] is out and packed[1] is gg  # k itself is not kept
+    assert torch.equal(out, k * gain)
+    torch.testing.assert_close(gg.grad, (grad * k).sum((0, 1)), atol=1e-5, rtol=1e-5)
+    if k_grad:
+        assert torch.equal(kk.grad, grad * gain)
+    else:
+        assert kk.grad is None
+
+
+def test_a_zero_gain_keeps_the_keys_so_its_gradient_stays_exact(compiled):
+    """``k`` cannot be recovered from ``k' = 0 * k``: with a gain at exactly 0 the plain product is used."""
+    k, grad = torch.randn(4, 8), torch.randn(4, 8)
+    gain = torch.ones(8)
+    gain[3] = 0.0
+    kk, gg = k.clone().requires_grad_(True), gain.clone().requires_grad_(True)
+    packed: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        out = ops.gain_keys(kk, gg)
+    out.backward(grad)
+    assert any(t is kk for t in packed)
+    torch.testing.assert_close(gg.grad, (grad * k).sum(0))
+    assert gg.grad[3] != 0
+
+
+@pytest.mark.parametrize(
+    ("usage", "dtype"), [("abs", torch.float32), ("abs", torch.bfloat16), ("softmax", torch.float32)]
+)
+def test_flux_inside_a_users_compiled_graph_equals_the_eager_closed_form(compiled, usage, dtype):
+    k = _keys(dtype) if usage == "abs" else torch.randn(3, 7, 96, dtype=dtype)
+    torch._dynamo.reset()
+    compiled_flux = torch.compile(lambda kk: ops.fused_information_flux(kk, usage, 0.7), fullgraph=True)
+    kk = k.clone().requires_grad_(True)
+    flux, valid = compiled_flux(kk)
+    (flux * torch.linspace(-1, 2, flux.numel()).reshape(flux.shape)).sum().backward()
+    ops.set_compiled_math(False)
+    want_flux, want_grad = _flux_and_grad(k, usage, 0.7)
+    torch.testing.assert_close(flux.detach(), want_flux, atol=2e-6, rtol=1e-5)
+    assert kk.grad.dtype == dtype and torch.isfinite(kk.grad).all()
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert float((kk.grad.double() - want_grad.double()).norm() / want_grad.double().norm()) < tol
+    if usage == "abs":
+        assert torch.all(kk.grad[0, 1] == 0) and not valid[0, 1] and valid.sum() == valid.numel() - 1
+
+
+def _saved_key_sized(step, *inputs) -> list[str]:
+    """The tensors of size ``[rows, d_ff]`` that a compiled ``step`` keeps for backward (AOTAutograd's partition)."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    saved: list[str] = []
+
+    def forward_compiler(gm, _inputs):
+        (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+        for node in outputs:
+            val = getattr(node, "meta", {}).get("val")
+            if isinstance(val, torch.Tensor) and tuple(val.shape) == (64, 96):
+                saved.append(f"{node} {val.dtype}")
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(
+        fw_compiler=forward_compiler,
+        bw_compiler=lambda gm, _inputs: make_boxed_func(gm.forward),
+        partition_fn=min_cut_rematerialization_partition,
+    )
+    torch._dynamo.reset()
+    torch.compile(step, backend=backend, fullgraph=True)(*inputs).sum().backward()
+    return saved
+
+
+def test_the_regularizer_in_a_users_compiled_graph_keeps_nothing_of_key_size():
+    """Traced as a plain formula, the flux made the partitioner keep a float32 ``|k| / max |k|`` (+9% memory)."""
+    from peft_infosteer.regularizer import _AttachFlux
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g, requires_grad=True)
+    w_up, w_down = torch.randn(96, 32, generator=g), torch.randn(32, 96, generator=g)
+    lora_a = torch.randn(4, 96, generator=g, requires_grad=True)
+
+    def layer(x, lora_a, regularize: bool):
+        k = torch.nn.functional.silu(x @ w_up.T) * (x @ w_up.T)
+        if regularize:
+            flux, valid = ops.fused_information_flux(k)
+            stats = torch.stack([(flux.detach() * valid).sum(), valid.float().sum()])
+            weights, coefficient = torch.full((64,), 1 / 64), torch.tensor(-1.0)
+            k, carrier = _AttachFlux.apply(k, flux, stats, torch.zeros(2), weights, coefficient, None)
+        out = (k @ w_down.T + k @ lora_a.T @ torch.ones(4, 32)).square()
+        return out + carrier.sum() * 0 if regularize else out  # the carrier's gradient reaches the attach node
+
+    plain = _saved_key_sized(lambda x, a: layer(x, a, False), x, lora_a)
+    regularized = _saved_key_sized(lambda x, a: layer(x, a, True), x, lora_a)
+    assert plain and len(regularized) == len(plain), (plain, regularized)

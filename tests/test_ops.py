@@ -1,4 +1,5 @@
-"""Parity and robustness of the InfoSteer math in ``peft_infosteer.ops`` (docs/design.md, section 1)."""
+"""Parity and robustness of the InfoSteer math in ``peft_infosteer.ops`` (docs/design.md, section 1), on the eager
+closed-form path and on the compiled path alike."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from peft_infosteer import _closed_form
+from peft_infosteer import _closed_form, ops
 from peft_infosteer.ops import (
     flatten_keys,
     fused_information_flux,
@@ -17,6 +18,15 @@ from peft_infosteer.ops import (
 )
 
 MODES = [("abs", 1.0), ("softmax", 1.0), ("softmax", 0.25), ("softmax", 4.0)]
+
+
+@pytest.fixture(autouse=True, params=["eager", "compiled"])
+def math_path(request):
+    """Every test runs on both paths: the eager closed form and the compiled math users get by default."""
+    previous = ops.compiled_math_enabled()
+    ops.set_compiled_math(request.param == "compiled")
+    yield request.param
+    ops.set_compiled_math(previous)
 
 
 def _keys(rows: int = 6, d: int = 24, seed: int = 0) -> torch.Tensor:
