@@ -316,8 +316,7 @@ class _GainSavingOutput(torch.autograd.Function):
 
     Plain autograd of ``k * g`` keeps ``k`` for the gain's gradient beside the ``k'`` a stacked LoRA holds: one more
     key tensor per layer (+8% peak memory, and the time to fill it, in a SmolLM2 step). Dividing the row sum by ``g``
-    recovers the same gradient (to float32 rounding); the backward is one compiled kernel, the eager formula where
-    compiling fails.
+    recovers the same gradient (to float32 rounding).
     """
 
     @staticmethod
@@ -329,9 +328,9 @@ class _GainSavingOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         out, gain = ctx.saved_tensors
-        needs_k = bool(ctx.needs_input_grad[0])
-        name = "gain-backward" if needs_k else "gain-backward-gain-only"
-        return _dispatch(name, _gain_backward, _gain_backward, grad_out, out, gain, needs_k)
+        # eager on purpose: with this backward compiled, an eager SmolLM2 step with gain ran at 1.20x LoRA's time,
+        # eager 0.99x (benchmarks/results/overhead/smollm2-cpu-after-memory-fixes, smollm2-cpu-gain-eager-backward)
+        return _gain_backward(grad_out, out, gain, bool(ctx.needs_input_grad[0]))
 
 
 def flatten_keys(k: torch.Tensor, strength: float) -> torch.Tensor:
