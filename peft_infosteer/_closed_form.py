@@ -1,8 +1,9 @@
-"""Eager autograd functions with closed-form backward: the fallback of the compiled path in ``peft_infosteer.ops``.
+"""The closed-form flux math, and eager autograd functions built on it: the fallback of ``peft_infosteer.ops``.
 
-Used where ``torch.compile`` is unavailable or switched off (``PEFT_INFOSTEER_COMPILE=0``). They keep little for
-backward (``k`` and a few float32 numbers per row, nothing of size ``rows x d_ff`` in float32), process rows in
-chunks, and never read a tensor's value on the host.
+``entropy_terms``, ``flux_backward`` and ``flatten_backward`` are the formulas; the compiled path of ``ops`` compiles
+them into kernels, and the functions here run them eagerly in chunks of rows where ``torch.compile`` is unavailable
+or switched off (``PEFT_INFOSTEER_COMPILE=0``). They keep little for backward (``k`` and a few float32 numbers per
+row, nothing of size ``rows x d_ff`` in float32) and never read a tensor's value on the host.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["FusedFlux", "Flatten", "Gain", "flatten_backward"]
+__all__ = ["FusedFlux", "Flatten", "Gain", "entropy_terms", "flatten_backward", "flux_backward", "log_d"]
 
 # Rows are processed in chunks of about this many elements so the float32 temporaries stay small.
 _CHUNK_ELEMENTS = 1 << 22
@@ -20,6 +21,72 @@ SMALLEST_SUBNORMAL = 2.0**-149
 # Per-row gradient coefficients are clamped into this range so that pathological inputs (a key vector whose total
 # magnitude is denormal) give a huge but finite gradient instead of inf.
 COEF_LIMIT = 1e30
+TINY = torch.finfo(torch.float32).tiny
+
+
+def entropy_terms(
+    k: torch.Tensor, softmax: bool, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entropy ``H`` per row, the valid mask, the row max of ``|k|`` and ``sum |k| / max`` (softmax: ``H`` again)."""
+    d = k.shape[-1]
+    k32 = k.float()
+    if softmax:
+        logp = torch.log_softmax(k32 / temperature, dim=-1)
+        p = logp.exp()
+        # p log p = 0 where p is 0 or undefined (an inf key in half precision)
+        h = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+        return h, torch.ones_like(h, dtype=torch.bool), h, h
+    a = k32.abs()
+    # dividing by the row max keeps sums of huge values finite (F is scale-invariant)
+    amax = a.amax(dim=-1, keepdim=True).detach()
+    a = a / amax.clamp_min(TINY)
+    s = a.sum(-1)
+    safe_s = s.clamp_min(TINY)
+    # a log a with 0 log 0 = 0, and a gradient of 0 (not nan) where a = 0
+    log_a = torch.where(a > 0, a, torch.ones_like(a)).log()
+    h = safe_s.log() - (a * log_a).sum(-1) / safe_s
+    valid = s > 0
+    h = torch.where(valid, h, torch.zeros_like(h)).clamp(0.0, math.log(d) if d > 1 else 0.0)
+    return h, valid, amax.squeeze(-1), s
+
+
+def log_d(k: torch.Tensor) -> float:
+    return math.log(k.shape[-1]) if k.shape[-1] > 1 else 1.0
+
+
+def flux_backward(
+    grad_flux: torch.Tensor,
+    k: torch.Tensor,
+    h: torch.Tensor,
+    amax: torch.Tensor,
+    s: torch.Tensor,
+    softmax: bool,
+    temperature: float,
+) -> torch.Tensor:
+    """``FusedFlux``'s closed-form gradient (docs/design.md, section 1) from ``k`` and the forward's row terms."""
+    x = k.float()
+    coef = (grad_flux.float() / log_d(k)).unsqueeze(-1)
+    if softmax:
+        logp = torch.log_softmax(x / temperature, dim=-1)
+        p = logp.exp()
+        # dF/dk_i = -p_i (log p_i + H) / (tau log d)
+        grad = torch.where(p > 0, -p * (logp + h.unsqueeze(-1)), torch.zeros_like(p)) * (coef / temperature)
+    else:
+        # dF/dk_i = sign(k_i) (log S - H - log|k_i|) / (S log d), S = max * s; 0 at k_i = 0 and for rows with no
+        # distribution. Dividing by max and s in turn keeps S from overflowing; the clamps as in FusedFlux.
+        defined = (s > 0) & torch.isfinite(amax)
+        # the forward divided by the clamped max, so S is the clamped max times s
+        safe_max = torch.where(defined, amax.clamp_min(TINY), torch.ones_like(amax))
+        safe_s = torch.where(defined, s, torch.ones_like(s))
+        coef = torch.where(defined.unsqueeze(-1), coef / safe_max.unsqueeze(-1) / safe_s.unsqueeze(-1), 0.0)
+        coef = coef.clamp(-COEF_LIMIT, COEF_LIMIT)
+        log_total = (safe_max.log() + safe_s.log()).unsqueeze(-1)
+        log_abs = x.abs().clamp(SMALLEST_SUBNORMAL, torch.finfo(torch.float32).max).log()
+        grad = torch.sign(x) * (coef * (log_total - h.unsqueeze(-1) - log_abs))
+    if k.dtype.is_floating_point:
+        limit = torch.finfo(k.dtype).max
+        grad = grad.clamp(-limit, limit)
+    return grad.to(k.dtype)
 
 
 def _rows_per_chunk(d: int) -> int:
@@ -27,86 +94,37 @@ def _rows_per_chunk(d: int) -> int:
 
 
 class FusedFlux(torch.autograd.Function):
-    """Flux per row with closed-form backward; saves ``k`` plus per-row float32 statistics only."""
+    """Flux per row with closed-form backward, in chunks of rows; saves ``k`` plus per-row float32 statistics only."""
 
     @staticmethod
     def forward(ctx, k: torch.Tensor, softmax: bool, temperature: float):
         d = k.shape[-1]
         rows = k.reshape(-1, d)
         n = rows.shape[0]
-        flux = torch.empty(n, dtype=torch.float32, device=k.device)
-        entropy = torch.empty(n, dtype=torch.float32, device=k.device)
-        # abs: the row normaliser S = sum |k|, as (max, sum / max) so that neither overflows nor underflows
-        scale = torch.ones(n, dtype=torch.float32, device=k.device)
-        norm = torch.ones(n, dtype=torch.float32, device=k.device)
-        log_d = math.log(d) if d > 1 else 1.0
+        stats = [torch.empty(n, dtype=dtype, device=k.device) for dtype in (torch.float32, torch.bool)]
+        entropy, valid = stats
+        scale, norm = torch.empty_like(entropy), torch.empty_like(entropy)
         step = _rows_per_chunk(d)
         for start in range(0, n, step):
-            x = rows[start : start + step].float()
-            if softmax:
-                logp = torch.log_softmax(x / temperature, dim=-1)
-                p = logp.exp()
-                h = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
-            else:
-                a = x.abs()  # never in place: .float() of a float32 k is k itself
-                amax = a.amax(dim=-1, keepdim=True)
-                a = a.div_(amax.clamp_min(torch.finfo(torch.float32).tiny))
-                s = a.sum(dim=-1)
-                # H = log S - sum_i a_i log a_i / S: one fused xlogy pass (0 log 0 = 0) instead of normalising first.
-                # With max a = 1 both terms are >= 0 and nothing cancels; a subnormal row is divided by the clamped
-                # max instead, so a < 1 there and the two terms can cancel to a few ulps below 0 (clamped below)
-                safe_s = s.clamp_min(torch.finfo(torch.float32).tiny)
-                h = torch.log(safe_s) - torch.xlogy(a, a).sum(-1) / safe_s
-                # rounding can leave H a few ulps outside [0, log d] (e.g. one subnormal key); the true H never is
-                h = torch.where(s > 0, h, torch.zeros_like(h)).clamp_(0.0, math.log(d))
-                scale[start : start + step] = amax.squeeze(-1)
-                norm[start : start + step] = s
-            entropy[start : start + step] = h
-            flux[start : start + step] = h / log_d
-        valid = torch.ones(n, dtype=torch.bool, device=k.device) if softmax else scale > 0
-        flux = torch.where(valid, flux, torch.zeros_like(flux))
+            sl = slice(start, start + step)
+            entropy[sl], valid[sl], scale[sl], norm[sl] = entropy_terms(rows[sl], softmax, temperature)
         ctx.save_for_backward(k, entropy, scale, norm)
         ctx.softmax = softmax
         ctx.temperature = temperature
-        ctx.log_d = log_d
         ctx.mark_non_differentiable(valid)
-        return flux.reshape(k.shape[:-1]), valid.reshape(k.shape[:-1])
+        return (entropy / log_d(k)).reshape(k.shape[:-1]), valid.reshape(k.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_flux: torch.Tensor, _grad_valid: torch.Tensor | None):
         k, entropy, scale, norm = ctx.saved_tensors
         d = k.shape[-1]
         rows = k.reshape(-1, d)
-        g = grad_flux.reshape(-1).to(torch.float64)
+        g = grad_flux.reshape(-1)
         grad = torch.empty_like(rows)
-        out_max = torch.finfo(k.dtype).max if k.dtype.is_floating_point else None
         step = _rows_per_chunk(d)
         for start in range(0, rows.shape[0], step):
             sl = slice(start, start + step)
-            x = rows[sl].float()
-            h = entropy[sl].unsqueeze(-1)
-            if ctx.softmax:
-                logp = torch.log_softmax(x / ctx.temperature, dim=-1)
-                p = logp.exp()
-                coef = (g[sl] / (ctx.temperature * ctx.log_d)).clamp(-COEF_LIMIT, COEF_LIMIT).float().unsqueeze(-1)
-                # dF/dk_i = -p_i (log p_i + H) / (tau log d)
-                gx = torch.where(p > 0, -p * (logp + h), torch.zeros_like(p)) * coef
-            else:
-                # S = sum_j |k_j|, undoing the forward's normalisation exactly (it divided by the clamped max)
-                total = scale[sl].clamp_min(torch.finfo(torch.float32).tiny).double() * norm[sl].double()
-                defined = (total > 0) & torch.isfinite(total)  # an all-zero row, or one with inf (half precision)
-                coef = torch.where(defined, g[sl] / (total * ctx.log_d), torch.zeros_like(total))
-                coef = coef.clamp(-COEF_LIMIT, COEF_LIMIT).unsqueeze(-1)
-                log_total = torch.where(defined, total, torch.ones_like(total)).log().unsqueeze(-1)
-                # dF/dk_i = sign(k_i) (-log p_i - H) / (S log d) = coef sign(k_i) (log S - H - log|k_i|), 0 at k_i = 0;
-                # per row only coef and coef (log S - H) are needed, so no p of size rows x d_ff is formed.
-                # Clamping |k| to [smallest subnormal, max] changes no finite nonzero value and keeps the log finite.
-                offset = (coef * (log_total - h.double())).float()
-                log_abs = x.abs().clamp_(SMALLEST_SUBNORMAL, torch.finfo(torch.float32).max).log_()
-                gx = torch.sign(x).mul_(torch.addcmul(offset, log_abs, coef.float(), value=-1.0))
-            if out_max is not None:
-                gx = gx.clamp_(-out_max, out_max)
-            grad[sl] = gx.to(k.dtype)
+            grad[sl] = flux_backward(g[sl], rows[sl], entropy[sl], scale[sl], norm[sl], ctx.softmax, ctx.temperature)
         return grad.reshape(k.shape), None, None
 
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from ._closed_form import COEF_LIMIT, SMALLEST_SUBNORMAL, Flatten, FusedFlux, Gain, flatten_backward
+from ._closed_form import Flatten, FusedFlux, Gain, entropy_terms, flatten_backward, flux_backward, log_d
 
 __all__ = [
     "USAGE_MODES",
@@ -38,7 +38,6 @@ __all__ = [
 
 Usage = Literal["abs", "softmax"]
 USAGE_MODES: tuple[str, ...] = ("abs", "softmax")
-_TINY = torch.finfo(torch.float32).tiny
 _OFF = ("0", "false", "no", "off")
 _compile_state: dict[str, Any] = {
     "enabled": os.environ.get("PEFT_INFOSTEER_COMPILE", "1").strip().lower() not in _OFF,
@@ -166,36 +165,6 @@ def _traced_flux(k: torch.Tensor, softmax: bool, temperature: float) -> tuple[to
     return _FluxFunction.apply(k, softmax, temperature, False)
 
 
-def _entropy_terms(
-    k: torch.Tensor, softmax: bool, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entropy ``H`` per row, the valid mask, the row max of ``|k|`` and ``sum |k| / max`` (softmax: ``H`` again)."""
-    d = k.shape[-1]
-    k32 = k.float()
-    if softmax:
-        logp = torch.log_softmax(k32 / temperature, dim=-1)
-        p = logp.exp()
-        # as FusedFlux: p log p = 0 where p is 0 or undefined (an inf key in half precision)
-        h = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
-        return h, torch.ones_like(h, dtype=torch.bool), h, h
-    a = k32.abs()
-    # dividing by the row max keeps sums of huge values finite (F is scale-invariant)
-    amax = a.amax(dim=-1, keepdim=True).detach()
-    a = a / amax.clamp_min(_TINY)
-    s = a.sum(-1)
-    safe_s = s.clamp_min(_TINY)
-    # a log a with 0 log 0 = 0, and a gradient of 0 (not nan) where a = 0
-    log_a = torch.where(a > 0, a, torch.ones_like(a)).log()
-    h = safe_s.log() - (a * log_a).sum(-1) / safe_s
-    valid = s > 0
-    h = torch.where(valid, h, torch.zeros_like(h)).clamp(0.0, math.log(d) if d > 1 else 0.0)
-    return h, valid, amax.squeeze(-1), s
-
-
-def _log_d(k: torch.Tensor) -> float:
-    return math.log(k.shape[-1]) if k.shape[-1] > 1 else 1.0
-
-
 class _FluxFunction(torch.autograd.Function):
     """The flux with ``FusedFlux``'s closed-form backward, unchunked, as two formulas the compiler fuses.
 
@@ -222,50 +191,15 @@ class _FluxFunction(torch.autograd.Function):
         k, h, amax, s = ctx.saved_tensors
         args = (grad_flux, k, h, amax, s, ctx.softmax, ctx.temperature)
         if not ctx.compiled:
-            return _flux_backward(*args), None, None, None
-        return _dispatch(f"flux-backward-{ctx.softmax}", _flux_backward, _flux_backward, *args), None, None, None
+            return flux_backward(*args), None, None, None
+        return _dispatch(f"flux-backward-{ctx.softmax}", flux_backward, flux_backward, *args), None, None, None
 
 
 def _flux_forward(
     k: torch.Tensor, softmax: bool, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    h, valid, amax, s = _entropy_terms(k, softmax, temperature)
-    return h / _log_d(k), valid, h, amax, s
-
-
-def _flux_backward(
-    grad_flux: torch.Tensor,
-    k: torch.Tensor,
-    h: torch.Tensor,
-    amax: torch.Tensor,
-    s: torch.Tensor,
-    softmax: bool,
-    temperature: float,
-) -> torch.Tensor:
-    """``FusedFlux``'s closed-form gradient (docs/design.md, section 1) from ``k`` and the forward's row terms."""
-    x = k.float()
-    coef = (grad_flux.float() / _log_d(k)).unsqueeze(-1)
-    if softmax:
-        logp = torch.log_softmax(x / temperature, dim=-1)
-        p = logp.exp()
-        # dF/dk_i = -p_i (log p_i + H) / (tau log d)
-        grad = torch.where(p > 0, -p * (logp + h.unsqueeze(-1)), torch.zeros_like(p)) * (coef / temperature)
-    else:
-        # dF/dk_i = sign(k_i) (log S - H - log|k_i|) / (S log d), S = max * s; 0 at k_i = 0 and for rows with no
-        # distribution. Dividing by max and s in turn keeps S from overflowing; the clamps as in FusedFlux.
-        defined = (s > 0) & torch.isfinite(amax)
-        # the forward divided by the clamped max, so S is the clamped max times s
-        safe_max = torch.where(defined, amax.clamp_min(_TINY), torch.ones_like(amax))
-        safe_s = torch.where(defined, s, torch.ones_like(s))
-        coef = torch.where(defined.unsqueeze(-1), coef / safe_max.unsqueeze(-1) / safe_s.unsqueeze(-1), 0.0)
-        coef = coef.clamp(-COEF_LIMIT, COEF_LIMIT)
-        log_total = (safe_max.log() + safe_s.log()).unsqueeze(-1)
-        log_abs = x.abs().clamp(SMALLEST_SUBNORMAL, torch.finfo(torch.float32).max).log()
-        grad = torch.sign(x) * (coef * (log_total - h.unsqueeze(-1) - log_abs))
-    if k.dtype.is_floating_point:
-        limit = torch.finfo(k.dtype).max
-        grad = grad.clamp(-limit, limit)
-    return grad.to(k.dtype)
+    h, valid, amax, s = entropy_terms(k, softmax, temperature)
+    return h / log_d(k), valid, h, amax, s
 
 
 def gain_keys(k: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
