@@ -17,10 +17,10 @@ __all__ = ["FusedFlux", "Flatten", "Gain", "entropy_terms", "flatten_backward", 
 # Rows are processed in chunks of about this many elements so the float32 temporaries stay small.
 _CHUNK_ELEMENTS = 1 << 22
 # the smallest positive float32: clamping |k| to it before a log changes no nonzero value
-SMALLEST_SUBNORMAL = 2.0**-149
+_SMALLEST_SUBNORMAL = 2.0**-149
 # Per-row gradient coefficients are clamped into this range so that pathological inputs (a key vector whose total
 # magnitude is denormal) give a huge but finite gradient instead of inf.
-COEF_LIMIT = 1e30
+_COEF_LIMIT = 1e30
 TINY = torch.finfo(torch.float32).tiny
 
 
@@ -38,7 +38,7 @@ def entropy_terms(
         return h, torch.ones_like(h, dtype=torch.bool), h, h
     a = k32.abs()
     # dividing by the row max keeps sums of huge values finite (F is scale-invariant)
-    amax = a.amax(dim=-1, keepdim=True).detach()
+    amax = a.amax(dim=-1, keepdim=True)
     a = a / amax.clamp_min(TINY)
     s = a.sum(-1)
     safe_s = s.clamp_min(TINY)
@@ -79,9 +79,9 @@ def flux_backward(
         safe_max = torch.where(defined, amax.clamp_min(TINY), torch.ones_like(amax))
         safe_s = torch.where(defined, s, torch.ones_like(s))
         coef = torch.where(defined.unsqueeze(-1), coef / safe_max.unsqueeze(-1) / safe_s.unsqueeze(-1), 0.0)
-        coef = coef.clamp(-COEF_LIMIT, COEF_LIMIT)
+        coef = coef.clamp(-_COEF_LIMIT, _COEF_LIMIT)
         log_total = (safe_max.log() + safe_s.log()).unsqueeze(-1)
-        log_abs = x.abs().clamp(SMALLEST_SUBNORMAL, torch.finfo(torch.float32).max).log()
+        log_abs = x.abs().clamp(_SMALLEST_SUBNORMAL, torch.finfo(torch.float32).max).log()
         grad = torch.sign(x) * (coef * (log_total - h.unsqueeze(-1) - log_abs))
     if k.dtype.is_floating_point:
         limit = torch.finfo(k.dtype).max
