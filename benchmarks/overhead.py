@@ -22,6 +22,13 @@ baseline of the same repeat, summarised by the median and the interquartile rang
    InfoSteer model merged (``merge_and_unload()``). LoRA weights and gains are randomised first (LoRA B is 0 and
    gains are 1 at initialisation), so that merged and unmerged do real work.
 
+4. **Where the compiled step's time goes** (``kernels``, not in the default parts): one compiled training step per
+   mode and repeat under ``torch.profiler``, interleaved, its self time summed by kind: matrix products, attention,
+   the compiler's fused elementwise kernels, the rest. The modes do the same matrix products and attention, so the
+   difference in fused-kernel time is what steering adds, measured without the noise of the matrix products, which
+   dominates whole-step ratios on a shared CPU. ``--layers 2`` keeps the first two decoder layers (real weights)
+   for a quick per-layer number.
+
 Everything (compiles included) is warmed up before timing; warm-up time is reported separately. Graphs compiled
 after the warm-up (in the timed and memory steps) are counted; they should be 0.
 
@@ -37,6 +44,7 @@ Peak memory (parts 1 and 2):
     python benchmarks/overhead.py --threads 1               # SmolLM2-135M, batch 4 x 512, CPU
     python benchmarks/overhead.py --quick --json out.json   # tiny random model, < 60 s with a warm compile cache
     python benchmarks/overhead.py --device cuda --dtype bfloat16 --load-in-4bit --name smollm2-cuda-4bit
+    python benchmarks/overhead.py --threads 1 --parts kernels --modes gain,gain+entropy --layers 2
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ import numpy as np
 import torch
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
-PARTS = ("eager", "compiled", "op", "generation")
+PARTS = ("eager", "compiled", "op", "generation", "kernels")
 
 # mode -> InfoSteer settings (None: plain LoRA)
 MODES: dict[str, dict[str, Any] | None] = {
@@ -228,6 +236,10 @@ def load_base(args: argparse.Namespace, model_dir: Path) -> torch.nn.Module:
             load_in_4bit=True, bnb_4bit_compute_dtype=common.DTYPES[args.dtype], bnb_4bit_quant_type="nf4"
         )
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    if args.layers:
+        decoder = base.get_decoder()
+        decoder.layers = decoder.layers[: args.layers]
+        base.config.num_hidden_layers = len(decoder.layers)
     return base if args.load_in_4bit else base.to(args.device)
 
 
@@ -559,6 +571,75 @@ def measure_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, A
 # ---- command line -------------------------------------------------------------------------------------------------
 
 
+# ---- part 4: where the compiled step's time goes -------------------------------------------------------------------
+
+KERNEL_KINDS = ("matmul", "attention", "fused", "other")
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a profiler event: a matrix product, attention, one of the compiler's fused kernels, or other."""
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+        return "matmul"
+    if "scaled_dot_product" in name:
+        return "attention"
+    if "cpp_fused" in name or "triton_" in name:
+        return "fused"
+    return "other"
+
+
+def profiled_self_ms(fn: Callable[[], None], device: str) -> dict[str, float]:
+    """Self time of ``fn()`` in milliseconds by :func:`kernel_kind` (device time on CUDA, host time otherwise)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    out = dict.fromkeys(KERNEL_KINDS, 0.0)
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        out[kernel_kind(event.key)] += us / 1000.0
+    return out
+
+
+def measure_kernels(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.enable_kernel_profile = True  # names each fused CPU kernel in the profile
+    fns: dict[str, Callable[[int], None]] = {}
+    batches: list[dict[str, torch.Tensor]] = []
+    layers = 0
+    for mode in args.modes:
+        model = peft_model(MODES[mode], args, model_dir).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        variant = Variant(f"compiled/{mode}", "compiled/lora", model, torch.compile(model), optimizer)
+        batches = batches or make_batches(args, model.get_input_embeddings().weight.shape[0])
+        layers = model.config.num_hidden_layers
+        fns[variant.name] = lambda r, v=variant, b=batches: train_step(v, b[r % len(b)], args)
+    warm_up(fns, args.warmup, args.device)
+    graphs = compiled_graphs()
+    times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in KERNEL_KINDS} for n in fns}
+    names = list(fns)
+    for r in range(args.repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            for kind, ms in profiled_self_ms(lambda name=name, r=r: fns[name](r), args.device).items():
+                times[name][kind].append(ms)
+        print(f"  kernels repeat {r + 1}/{args.repeats}")
+    medians = {n: {k: float(np.median(v)) for k, v in kinds.items()} for n, kinds in times.items()}
+    base = medians["compiled/lora"]
+    return {
+        "layers": layers,
+        "self_ms_median": medians,
+        "self_ms": times,
+        "fused_extra_ms_per_layer": {
+            n: (m["fused"] - base["fused"]) / max(layers, 1) for n, m in medians.items() if n != "compiled/lora"
+        },
+        "graphs_compiled_after_warmup": compiled_graphs() - graphs,
+    }
+
+
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -587,6 +668,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(common.DTYPES), default="float32", help="autocast dtype")
     p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit base (QLoRA); no merged model")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (real weights)")
     p.add_argument("--quick", action="store_true", help="tiny random model, few repeats (< 60 s, warm compile cache)")
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -661,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
         result["op"] = timed_part(measure_op, args, d_ff)
     if "generation" in args.parts:
         result["generation"] = timed_part(measure_generation, args, model_dir)
+    if "kernels" in args.parts:
+        result["kernels"] = timed_part(measure_kernels, args, model_dir)
     result["compiled_math_stayed_on"] = ops.compiled_math_enabled()  # False: compiling failed, the eager fallback ran
     result["memory_method"] = (
         "cuda max_memory_allocated"
@@ -796,6 +880,23 @@ def _generation_section(gen: dict[str, Any], repeats: int) -> list[str]:
     return [*lines, ""]
 
 
+def _kernels_section(kernels: dict[str, Any], repeats: int) -> list[str]:
+    lines = [
+        f"## 4. Where the compiled step's time goes ({kernels['layers']} decoder layers)",
+        "",
+        f"Self time per training step (ms, median of {repeats} profiled steps per mode, interleaved) by kind. The "
+        "modes do the same matrix products and attention; the fused kernels are where steering adds work.",
+        "",
+        "| mode | " + " | ".join(KERNEL_KINDS) + " | fused extra vs LoRA, per layer |",
+        "|---|" + "---|" * (len(KERNEL_KINDS) + 1),
+    ]
+    for name, medians in kernels["self_ms_median"].items():
+        extra = kernels["fused_extra_ms_per_layer"].get(name)
+        cells = " | ".join(f"{medians[k]:.1f}" for k in KERNEL_KINDS)
+        lines.append(f"| {name} | {cells} | {'' if extra is None else f'{extra:+.2f} ms'} |")
+    return [*lines, ""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     s, env = result["settings"], result["environment"]
     lines = [
@@ -812,6 +913,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += _op_section(result["op"])
     if "generation" in result:
         lines += _generation_section(result["generation"], s["gen_repeats"])
+    if "kernels" in result:
+        lines += _kernels_section(result["kernels"], s["repeats"])
     lines.append(f"Memory: {result['memory_method']}. Wall time {result['wall_time_s']:.0f} s.")
     return "\n".join(lines) + "\n"
 

@@ -205,6 +205,52 @@ def test_a_zero_gain_keeps_the_keys_so_its_gradient_stays_exact(compiled):
     assert gg.grad[3] != 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k_grad", [True, False])
+def test_gain_inside_a_users_compiled_graph_gives_the_eager_gradients(compiled, dtype, k_grad):
+    """Traced, the gain's gradient is a matrix-vector product (``ops._GainInCompiledGraph``), exact also at a 0 gain."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(3, 5, 64, generator=g).to(dtype)
+    gain = torch.rand(64, generator=g) * 2 - 0.5
+    gain[3] = 0.0
+    grad = torch.randn(3, 5, 64, generator=g).to(dtype)
+    torch._dynamo.reset()
+    compiled_gain = torch.compile(lambda kk, gg: ops.gain_keys(kk, gg), fullgraph=True)
+    results = []
+    for fn in (compiled_gain, ops.gain_keys):
+        kk, gg = k.clone().requires_grad_(k_grad), gain.clone().requires_grad_(True)
+        out = fn(kk, gg)
+        out.backward(grad)
+        results.append((out.detach(), kk.grad, gg.grad))
+    (out, k_got, gain_got), (want_out, k_want, gain_want) = results
+    assert out.dtype == dtype and torch.equal(out, want_out)
+    assert gain_got.dtype == torch.float32 and gain_got[3] != 0
+    torch.testing.assert_close(gain_got, (grad.float() * k.float()).sum((0, 1)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gain_got, gain_want, atol=1e-4, rtol=1e-4)
+    if k_grad:
+        assert torch.equal(k_got, k_want)
+    else:
+        assert k_got is None
+
+
+def test_a_traced_gain_takes_its_gradient_by_matrix_vector_product():
+    """The column sum derived by the compiler re-read the gradient's inputs in a loop of its own (see the function)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    backward_ops: list[str] = []
+
+    def backward_compiler(gm, _inputs):
+        backward_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _inputs: make_boxed_func(gm.forward), bw_compiler=backward_compiler)
+    torch._dynamo.reset()
+    k, gain = torch.randn(8, 16, requires_grad=True), torch.rand(16, requires_grad=True)
+    torch.compile(ops.gain_keys, backend=backend, fullgraph=True)(k, gain).sum().backward()
+    assert "aten.mm.default" in backward_ops and "aten.sum.dim_IntList" not in backward_ops, backward_ops
+
+
 @pytest.mark.parametrize(
     ("usage", "dtype"), [("abs", torch.float32), ("abs", torch.bfloat16), ("softmax", torch.float32)]
 )
