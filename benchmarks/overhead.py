@@ -73,6 +73,7 @@ import torch
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 PARTS = ("eager", "compiled", "op", "generation", "kernels")
+DEFAULT_PARTS = PARTS[:4]  # "kernels" profiles compiled steps on request
 
 # mode -> InfoSteer settings (None: plain LoRA)
 MODES: dict[str, dict[str, Any] | None] = {
@@ -650,7 +651,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="results sub-directory of benchmarks/results/overhead")
     p.add_argument("--json", type=Path, default=None, help="also write the results JSON here")
     p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/overhead/<name>/")
-    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ", ".join(PARTS))
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS), help="comma-separated subset of " + ", ".join(PARTS))
     modes = [m for m in MODES if m != "lora"]
     p.add_argument("--modes", default=",".join(modes), help="modes besides lora, a subset of " + ", ".join(modes))
     p.add_argument("--batch-size", type=int, default=4)

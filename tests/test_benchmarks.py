@@ -149,6 +149,17 @@ def test_score_items_matches_one_sequence_per_choice(tiny_dir, fmt):
         assert row["acc_norm"] == int(max(range(len(per_char)), key=per_char.__getitem__) == item.gold)
 
 
+def test_the_kernel_profile_sorts_self_time_by_kind():
+    import overhead
+
+    kinds = {name: overhead.kernel_kind(name) for name in ("aten::mm", "graph_0_cpp_fused_mul_1", "aten::add")}
+    assert kinds == {"aten::mm": "matmul", "graph_0_cpp_fused_mul_1": "fused", "aten::add": "other"}
+    a = torch.randn(256, 256)
+    ms = overhead.profiled_self_ms(lambda: (a @ a).add_(1.0), "cpu")
+    assert set(ms) == set(overhead.KERNEL_KINDS) and ms["matmul"] > 0 and ms["other"] > 0 and ms["fused"] == 0
+    assert "kernels" not in overhead.DEFAULT_PARTS and "kernels" in overhead.PARTS
+
+
 def test_overhead_quick_reports_training_op_and_generation(tmp_path):
     out = tmp_path / "overhead.json"
     proc = subprocess.run(
