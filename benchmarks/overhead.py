@@ -569,9 +569,6 @@ def measure_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, A
     return result
 
 
-# ---- command line -------------------------------------------------------------------------------------------------
-
-
 # ---- part 4: where the compiled step's time goes -------------------------------------------------------------------
 
 KERNEL_KINDS = ("matmul", "attention", "fused", "other")
@@ -639,6 +636,9 @@ def measure_kernels(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]
         },
         "graphs_compiled_after_warmup": compiled_graphs() - graphs,
     }
+
+
+# ---- command line -------------------------------------------------------------------------------------------------
 
 
 def _int_list(text: str) -> list[int]:

@@ -8,8 +8,8 @@ compiled formula, and a float32 gain on CPU as a plain product that keeps only i
 Where ``torch.compile`` is unavailable or fails, and when it is switched off (``PEFT_INFOSTEER_COMPILE=0`` or
 :func:`set_compiled_math`), the eager autograd functions with closed-form backward of ``peft_infosteer._closed_form``
 are used; both give the same values and gradients (tested). Inside a model that the user compiles, the same functions
-and formulas are traced into the user's graph. Nothing here reads a device tensor's value on the host; a float32 gain
-on CPU looks at its own values to choose what backward keeps.
+and formulas are traced into the user's graph (the gain on CPU as ``_GainInCompiledGraph``). Nothing here reads a
+device tensor's value on the host; a float32 gain on CPU looks at its own values to choose what backward keeps.
 """
 
 from __future__ import annotations
@@ -258,15 +258,14 @@ def _saves_output(k: torch.Tensor, gain: torch.Tensor) -> bool:
     """Whether a float32 gain can keep ``k' = g * k`` for backward instead of ``k`` (see ``_GainSavingOutput``).
 
     Only on CPU, where looking at the gain is no host-device synchronisation, and only if no gain is exactly 0 (``k``
-    cannot be recovered from ``k'`` there). Under the user's ``torch.compile``, ``_GainInCompiledGraph`` is traced
-    instead and the compiler chooses what to keep.
+    cannot be recovered from ``k'`` there). Never asked under the user's ``torch.compile``: ``_GainInCompiledGraph`` is
+    traced there, and the compiler chooses what to keep.
     """
     return (
         k.device.type == "cpu"
         and gain.device.type == "cpu"
         and gain.requires_grad
         and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
         and not bool((gain == 0).any())
     )
 
