@@ -605,16 +605,11 @@ def measure_kernels(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]
     import torch._inductor.config as inductor_config
 
     inductor_config.cpp.enable_kernel_profile = True  # names each fused CPU kernel in the profile
-    fns: dict[str, Callable[[int], None]] = {}
-    batches: list[dict[str, torch.Tensor]] = []
-    layers = 0
-    for mode in args.modes:
-        model = peft_model(MODES[mode], args, model_dir).train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        variant = Variant(f"compiled/{mode}", "compiled/lora", model, torch.compile(model), optimizer)
-        batches = batches or make_batches(args, model.get_input_embeddings().weight.shape[0])
-        layers = model.config.num_hidden_layers
-        fns[variant.name] = lambda r, v=variant, b=batches: train_step(v, b[r % len(b)], args)
+    variants = training_variants(argparse.Namespace(**{**vars(args), "parts": ["compiled"]}), model_dir)
+    any_model = next(iter(variants.values())).model
+    batches = make_batches(args, any_model.get_input_embeddings().weight.shape[0])
+    layers = any_model.config.num_hidden_layers
+    fns = {name: (lambda r, v=v: train_step(v, batches[r % len(batches)], args)) for name, v in variants.items()}
     warm_up(fns, args.warmup, args.device)
     graphs = compiled_graphs()
     times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in KERNEL_KINDS} for n in fns}
