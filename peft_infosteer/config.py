@@ -87,8 +87,8 @@ class InfoSteerConfig(PeftConfig):
                 "0 turns the regularizer off. The flux gradient is small (about 1 / (sum|k| log d_ff) per key), so "
                 "useful values are large, and they depend on the model: the dev-set sweeps chose 1000 on "
                 "SmolLM2-135M and 10 on Gemma-3-270M, where 1000 collapsed accuracy close to chance. The default 100 "
-                "raised flux without that collapse on both, but tested with 3 seeds against LoRA SFT it was "
-                "+0.3 accuracy points on SmolLM2 (no effect) and -1.0 on Gemma-3 (docs/benchmarks.md): sweep it "
+                "raised flux without that collapse on both, but tested with 3 and 7 seeds against LoRA SFT it was "
+                "+0.3 accuracy points on SmolLM2 (no effect) and -1.1 on Gemma-3 (docs/benchmarks.md): sweep it "
                 "for your model."
             )
         },
