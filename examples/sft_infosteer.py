@@ -11,6 +11,9 @@ any Hub id works too when you are online):
         --use_peft --lora_r 16 --lora_alpha 32 --lora_target_modules all-linear \
         --entropy_weight 100 --intervention gain --max_steps 100
 
+    # a flux target instead of a fixed lambda: lambda follows it from --entropy_weight, once per optimizer step
+    python examples/sft_infosteer.py ... --intervention gain --flux_target_rise 0.01 --entropy_weight 10
+
     # QLoRA-style: 4-bit base
     python examples/sft_infosteer.py ... --use_peft --lora_r 16 --load_in_4bit
 
