@@ -62,7 +62,7 @@ import json
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,20 +296,20 @@ class Variant:
     closed_form: bool = False
 
 
-def training_variants(args: argparse.Namespace, model_dir: Path) -> dict[str, Variant]:
-    """One model + optimizer per mode, shared by its eager and compiled variants; the eager variants come first."""
+def training_variants(args: argparse.Namespace, model_dir: Path, parts: Sequence[str]) -> dict[str, Variant]:
+    """One model + optimizer per mode, shared by its eager and compiled variants (of ``parts``); eager ones first."""
     built = {}
     for mode in args.modes:
         model = peft_model(MODES[mode], args, model_dir).train()
         built[mode] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5))
     variants: dict[str, Variant] = {}
-    if "eager" in args.parts:
+    if "eager" in parts:
         for mode, (model, optimizer) in built.items():
             variants[f"eager/{mode}"] = Variant(f"eager/{mode}", "eager/lora", model, model, optimizer)
             if mode == "entropy":
                 name = f"eager/{CLOSED_FORM}"
                 variants[name] = Variant(name, "eager/lora", model, model, optimizer, closed_form=True)
-    if "compiled" in args.parts:
+    if "compiled" in parts:
         for mode, (model, optimizer) in built.items():
             name = f"compiled/{mode}"
             variants[name] = Variant(name, "compiled/lora", model, torch.compile(model), optimizer)
@@ -357,7 +357,7 @@ def target_checks(ratios: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
 
 
 def measure_training(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    variants = training_variants(args, model_dir)
+    variants = training_variants(args, model_dir, args.parts)
     any_model = next(iter(variants.values())).model
     batches = make_batches(args, any_model.get_input_embeddings().weight.shape[0])
     d_ff = ffn_width(any_model)
@@ -605,7 +605,7 @@ def measure_kernels(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]
     import torch._inductor.config as inductor_config
 
     inductor_config.cpp.enable_kernel_profile = True  # names each fused CPU kernel in the profile
-    variants = training_variants(argparse.Namespace(**{**vars(args), "parts": ["compiled"]}), model_dir)
+    variants = training_variants(args, model_dir, parts=["compiled"])
     any_model = next(iter(variants.values())).model
     batches = make_batches(args, any_model.get_input_embeddings().weight.shape[0])
     layers = any_model.config.num_hidden_layers
