@@ -13,10 +13,22 @@ from ._registration import INFOSTEER
 from .validation import check_adapter_weights_file, check_config_file
 from .version import __version__
 
-__all__ = ["INTERVENTIONS", "InfoSteerConfig", "Intervention"]
+__all__ = ["ELEVATE_RANKS", "INTERVENTIONS", "ElevateRank", "InfoSteerConfig", "Intervention"]
 
-Intervention = Literal["none", "gain", "flatten"]
-INTERVENTIONS: tuple[str, ...] = ("none", "gain", "flatten")
+Intervention = Literal["elevate", "none", "gain", "flatten"]
+INTERVENTIONS: tuple[str, ...] = ("elevate", "none", "gain", "flatten")
+ElevateRank = Literal["magnitude", "value"]
+ELEVATE_RANKS: tuple[str, ...] = ("magnitude", "value")
+# the fields that only mean something with intervention="elevate", and their defaults (the paper's)
+_ELEVATE_DEFAULTS: dict[str, Any] = {
+    "elevate_fraction": 0.01,
+    "elevate_scale": 1.0,
+    "elevate_rank": "magnitude",
+    "elevate_at_inference": True,
+}
+# the first version whose entropy_weight is the paper's lambda (sum over steered layers of the entropy in nats);
+# earlier versions weighted the mean normalised flux (see InfoSteerModel: such configs are converted on load)
+PAPER_LAMBDA_VERSION = (0, 2, 0)
 
 
 def _is_number(value: Any) -> bool:
@@ -35,12 +47,21 @@ def _jsonable(value: Any) -> Any:
 
 @dataclass
 class InfoSteerConfig(PeftConfig):
-    """Configuration of an InfoSteer adapter (docs/design.md and docs/concepts.md).
+    """Configuration of an InfoSteer adapter (docs/concepts.md).
 
-    InfoSteer, as described in Deng, Chang and Chen (arXiv 2507.05158), treats each FFN block as a key-value memory
-    and steers post-training towards using more of the stored memory vectors: with a forward intervention on the key
-    coefficients ``k`` that enter the FFN output projection (``intervention``), with an entropy regularizer on the
-    usage distribution of ``k`` (``entropy_weight``), or both. The formulas are this package's own formulation.
+    InfoSteer (Deng, Chang and Chen, arXiv 2507.05158) treats each FFN block as a key-value memory and steers
+    post-training towards using more of the stored memory vectors. The paper's two mechanisms, with its defaults:
+
+    - the forward intervention ``intervention="elevate"`` (the default): in every steered FFN and token, the bottom
+      ``elevate_fraction`` (p = 1%) of the key coefficients ``k`` that enter the FFN output projection are set to
+      ``elevate_scale`` (alpha = 1) times the layer's mean key coefficient;
+    - the entropy regularizer ``entropy_weight`` (the paper's lambda, off by default; the paper's settings are 0.01 and
+      0.05): the loss becomes ``L_task - lambda * sum over steered layers of the mean entropy (in nats)`` of the usage
+      distribution of ``k``.
+
+    This package's extensions: ``intervention="gain"`` (a trainable per-coefficient gain), ``"flatten"`` and the flux
+    target (``flux_target_rise``). An InfoSteer adapter may carry a LoRA config (``lora``): PEFT's own LoRA layers
+    are then injected in the same adapter, and the steering module wraps the FFN output projection outermost.
 
     An InfoSteer adapter may carry a LoRA config (``lora``): PEFT's own LoRA layers are then injected in the same
     adapter, and the steering module wraps the FFN output projection outermost.
@@ -49,14 +70,10 @@ class InfoSteerConfig(PeftConfig):
 
     >>> from peft import LoraConfig
     >>> from peft_infosteer import InfoSteerConfig
-    >>> config = InfoSteerConfig(
-    ...     entropy_weight=100.0,
-    ...     intervention="gain",
-    ...     lora=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
-    ...     task_type="CAUSAL_LM",
-    ... )
-    >>> config.peft_type
-    <PeftType.INFOSTEER: 'INFOSTEER'>
+    >>> lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    >>> config = InfoSteerConfig(lora=lora, task_type="CAUSAL_LM")
+    >>> config.peft_type, config.intervention, config.elevate_fraction, config.elevate_scale, config.entropy_weight
+    (<PeftType.INFOSTEER: 'INFOSTEER'>, 'elevate', 0.01, 1.0, 0.0)
     """
 
     target_modules: list[str] | set[str] | str | None = field(
@@ -80,16 +97,14 @@ class InfoSteerConfig(PeftConfig):
         metadata={"help": "Name of the layer list, e.g. 'layers' or 'h'; only used with `layers_to_transform`."},
     )
     entropy_weight: float = field(
-        default=100.0,
+        default=0.0,
         metadata={
             "help": (
-                "Weight lambda >= 0 of the flux regularizer: the training loss becomes L_task - lambda * mean flux. "
-                "0 turns the regularizer off. The flux gradient is small (about 1 / (sum|k| log d_ff) per key), so "
-                "useful values are large, and they depend on the model: the dev-set sweeps chose 1000 on "
-                "SmolLM2-135M and 10 on Gemma-3-270M, where 1000 collapsed accuracy close to chance. The default 100 "
-                "raised flux without that collapse on both, but tested with 3 and 7 seeds against LoRA SFT it was "
-                "+0.3 accuracy points on SmolLM2 (no effect) and -1.1 on Gemma-3 (docs/benchmarks.md): sweep it "
-                "for your model."
+                "The paper's lambda >= 0: the training loss becomes L_task - lambda * sum over the steered layers of "
+                "the mean entropy H(p) (in nats) of the key usage distribution p over the tokens in the loss. 0 (the "
+                "default) turns the regularizer off; the paper's settings are 0.01 (its default) and 0.05. Adapters "
+                "written before peft-infosteer 0.2.0 weighted the mean normalised flux instead; their value is "
+                "converted on load (docs/concepts.md). Evidence per model: docs/benchmarks.md."
             )
         },
     )
@@ -97,11 +112,11 @@ class InfoSteerConfig(PeftConfig):
         default=None,
         metadata={
             "help": (
-                "Ask for a mean flux instead of a fixed lambda: this much above the flux of the first optimizer step "
-                "(e.g. 0.01). Lambda then starts at `entropy_weight` and follows the target once per optimizer step "
-                "(peft_infosteer.target), up to `max_entropy_weight`. Off by default: on the dev splits no single "
-                "rise (0.005, 0.01, 0.02, lambda starting at 100 or 10) was at least as good as LoRA SFT on both "
-                "SmolLM2-135M (all were above it) and Gemma-3-270M (all were below it); see docs/benchmarks.md."
+                "An extension of the paper: ask for a mean flux instead of a fixed lambda, this much above the flux of "
+                "the first optimizer step (e.g. 0.01). Lambda (in the units of `entropy_weight`) then starts at "
+                "`entropy_weight` and follows the target once per optimizer step (peft_infosteer.target), up to "
+                "`max_entropy_weight`. Off by default: no single rise was safe on every benchmark model "
+                "(docs/benchmarks.md)."
             )
         },
     )
@@ -119,8 +134,10 @@ class InfoSteerConfig(PeftConfig):
         },
     )
     max_entropy_weight: float = field(
-        default=1e4,
-        metadata={"help": "Cap of lambda when following a flux target; reaching it warns once (target out of reach)."},
+        default=100.0,
+        metadata={
+            "help": "Cap of lambda (units of `entropy_weight`) when following a flux target; reaching it warns once."
+        },
     )
     usage: Literal["abs", "softmax"] = field(
         default="abs",
@@ -130,19 +147,61 @@ class InfoSteerConfig(PeftConfig):
         default=1.0, metadata={"help": "Temperature tau > 0 of the softmax usage distribution."}
     )
     intervention: Intervention = field(
-        default="gain",
+        default="elevate",
         metadata={
             "help": (
-                "Forward intervention on the key coefficients: 'gain' (default: a trainable float32 per-coefficient "
-                "gain, identity at init, mergeable), 'none', or 'flatten' (mixes usage with the uniform distribution; "
-                "not mergeable). An adapter with nothing to train ('none' or 'flatten' without `lora`) is valid for "
-                "inference-time steering; creating one for training warns."
+                "Forward intervention on the key coefficients k: 'elevate' (the paper's, the default: the bottom "
+                "`elevate_fraction` of k in each token set to `elevate_scale` times the mean), 'none', or this "
+                "package's extensions 'gain' (a trainable float32 per-coefficient gain, identity at init, mergeable) "
+                "and 'flatten' (mixes usage with the uniform distribution; not mergeable). 'elevate', 'none' and "
+                "'flatten' have no weights: stack LoRA (`lora`) to train them; an adapter with nothing to train is "
+                "valid for inference-time steering, and creating one for training warns."
+            )
+        },
+    )
+    elevate_fraction: float = field(
+        default=0.01,
+        metadata={
+            "help": (
+                "The paper's p, as a fraction in (0, 1) of d_ff: 'elevate' replaces the ceil(p * d_ff) smallest key "
+                "coefficients of each token. The paper's default is 0.01 (1%)."
+            )
+        },
+    )
+    elevate_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "The paper's alpha >= 0: 'elevate' sets each replaced coefficient to alpha times the layer's mean "
+                "key coefficient of that token. The paper's default is 1.0; its ablation also ran 2.0 (p=1%) and 5.0 "
+                "(p=2%)."
+            )
+        },
+    )
+    elevate_rank: ElevateRank = field(
+        default="magnitude",
+        metadata={
+            "help": (
+                "How 'elevate' reads 'bottom' and 'mean' for signed (gated) keys: 'magnitude' (default) replaces the "
+                "coefficients of smallest |k_i| by alpha * mean |k| with their own sign (0 counts as +); 'value' is "
+                "the literal reading, smallest k_i replaced by alpha * mean k. Both equal the paper's formula for "
+                "non-negative (ReLU) keys."
+            )
+        },
+    )
+    elevate_at_inference: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Whether 'elevate' also acts in eval mode (inference, generation), so the adapter reproduces the "
+                "forward it was trained with (default). False: it acts only while the module is in training mode, and "
+                "the adapter then merges exactly (a stacked LoRA folds in, nothing is left)."
             )
         },
     )
     flatten_strength: float = field(
         default=0.2,
-        metadata={"help": "Mixing strength alpha in [0, 1] of 'flatten' (default from the SmolLM2 dev-set sweep)."},
+        metadata={"help": "Mixing strength alpha in [0, 1] of 'flatten' (an extension of the paper)."},
     )
     init_weights: bool = field(
         default=True,
@@ -233,6 +292,7 @@ class InfoSteerConfig(PeftConfig):
             raise ValueError(f"usage_temperature must be a finite number > 0, got {self.usage_temperature!r}")
         if self.intervention not in INTERVENTIONS:
             raise ValueError(f"intervention must be one of {INTERVENTIONS}, got {self.intervention!r}")
+        self._validate_elevate()
         if not _is_number(self.flatten_strength) or not 0.0 <= self.flatten_strength <= 1.0:
             raise ValueError(f"flatten_strength must be a number in [0, 1], got {self.flatten_strength!r}")
         if not isinstance(self.init_weights, bool):
@@ -248,6 +308,34 @@ class InfoSteerConfig(PeftConfig):
                 f"target_modules must be a list of module names, a regex string or None, got {self.target_modules!r}"
             )
 
+    def _validate_elevate(self) -> None:
+        if self.intervention != "elevate":
+            changed = [name for name, default in _ELEVATE_DEFAULTS.items() if getattr(self, name) != default]
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)} only apply to intervention='elevate', got intervention="
+                    f"{self.intervention!r}: set intervention='elevate' or leave {' and '.join(changed)} at the default"
+                )
+        p = self.elevate_fraction
+        if not _is_number(p) or not 0 < p < 1:
+            raise ValueError(f"elevate_fraction must be a number in (0, 1) (a fraction of d_ff, e.g. 0.01), got {p!r}")
+        alpha = self.elevate_scale
+        if not _is_number(alpha) or not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"elevate_scale must be a finite number >= 0, got {alpha!r}")
+        if self.elevate_rank not in ELEVATE_RANKS:
+            raise ValueError(f"elevate_rank must be one of {ELEVATE_RANKS}, got {self.elevate_rank!r}")
+        if not isinstance(self.elevate_at_inference, bool):
+            raise ValueError(f"elevate_at_inference must be True or False, got {self.elevate_at_inference!r}")
+
+    @property
+    def lambda_in_paper_units(self) -> bool:
+        """Whether ``entropy_weight`` is the paper's lambda (written by peft-infosteer 0.2.0 or later, or in code)."""
+        try:
+            written_by = tuple(int(part) for part in str(self.infosteer_version).split(".")[:3])
+        except ValueError:
+            return True  # a development version string: the current units
+        return written_by >= PAPER_LAMBDA_VERSION
+
     @property
     def has_flux_target(self) -> bool:
         """Whether lambda follows a flux target (``flux_target_rise`` or ``flux_target``) instead of staying fixed."""
@@ -255,7 +343,9 @@ class InfoSteerConfig(PeftConfig):
 
     @property
     def is_mergeable(self) -> bool:
-        """Whether the forward intervention is a linear rescaling that can be folded into the weights."""
+        """Whether the adapter folds into the weights: a linear intervention, or one that acts in training only."""
+        if self.intervention == "elevate":
+            return not self.elevate_at_inference
         return self.intervention in ("none", "gain")
 
     def to_dict(self) -> dict[str, Any]:

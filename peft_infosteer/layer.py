@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ._compat import move_adapter_to_base_layer
 from .config import InfoSteerConfig
-from .ops import flatten_keys, gain_keys
+from .ops import elevate_keys, flatten_keys, gain_keys
 from .regularizer import FluxTracker
 
 __all__ = ["InfoSteerLayer", "Linear", "SteerSettings"]
@@ -33,10 +33,30 @@ class SteerSettings:
     flatten_strength: float
     usage: str
     usage_temperature: float
+    elevate_fraction: float = 0.01
+    elevate_scale: float = 1.0
+    elevate_rank: str = "magnitude"
+    elevate_at_inference: bool = True
 
     @classmethod
     def from_config(cls, config: InfoSteerConfig) -> SteerSettings:
-        return cls(config.intervention, float(config.flatten_strength), config.usage, float(config.usage_temperature))
+        return cls(
+            config.intervention,
+            float(config.flatten_strength),
+            config.usage,
+            float(config.usage_temperature),
+            float(config.elevate_fraction),
+            float(config.elevate_scale),
+            config.elevate_rank,
+            bool(config.elevate_at_inference),
+        )
+
+
+_ELEVATE_NOT_MERGEABLE = (
+    "Cannot merge InfoSteer adapter {name!r}: intervention='elevate' with elevate_at_inference=True acts on the key "
+    "coefficients at inference, which no weight can express. Serve it with the adapter loaded, or train with "
+    "elevate_at_inference=False (the intervention then acts in training only and the adapter merges exactly)."
+)
 
 
 def _features(layer: nn.Module) -> tuple[int, int]:
@@ -157,6 +177,8 @@ class InfoSteerLayer(BaseTunerLayer):
                     "it cannot be folded into the weights. Serve it with the adapter loaded, or train with "
                     "intervention='gain' or 'none' if you need a mergeable adapter."
                 )
+            if settings is not None and settings.intervention == "elevate" and settings.elevate_at_inference:
+                raise ValueError(_ELEVATE_NOT_MERGEABLE.format(name=name))
         if isinstance(self.base_layer, BaseTunerLayer):
             self._scale_merged_gains(inverse=True)
             self.base_layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
@@ -190,6 +212,10 @@ class InfoSteerLayer(BaseTunerLayer):
         """Whether this layer steers in the next forward: an active, unmerged InfoSteer adapter, adapters enabled."""
         return not self.disable_adapters and bool(self._unmerged_active())
 
+    def _in_training_mode(self) -> bool:
+        """The module's training flag (``model.train()`` / ``model.eval()``): where a training-only 'elevate' acts."""
+        return bool(getattr(self, "training", False))
+
     def steer(self, k: torch.Tensor) -> torch.Tensor:
         """Apply the interventions of the active adapters that are not merged to the key coefficients ``k``."""
         for name in self._unmerged_active():
@@ -201,6 +227,8 @@ class InfoSteerLayer(BaseTunerLayer):
                 k = gain_keys(k, gain)
             elif settings.intervention == "flatten":
                 k = flatten_keys(k, settings.flatten_strength)
+            elif settings.intervention == "elevate" and (settings.elevate_at_inference or self._in_training_mode()):
+                k = elevate_keys(k, settings.elevate_fraction, settings.elevate_scale, settings.elevate_rank)
         return k
 
 

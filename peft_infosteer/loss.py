@@ -78,7 +78,10 @@ def last_flux(model: Any) -> float | None:
 
 
 def infosteer_loss(model: Any) -> torch.Tensor:
-    """The value of the regularizer ``-entropy_weight * mean flux`` of the last measured forward, detached.
+    """The value of the regularizer ``-entropy_weight * sum_l mean_t H_l`` of the last measured forward, detached.
+
+    ``H_l = F_l * log d_ff`` is a steered layer's entropy in nats; the sum over layers is read as the number of steered
+    layers times their mean (exact when every steered layer has the same ``d_ff``).
 
     For logging: it carries no gradient, so adding it to a loss changes the reported value and nothing else (the
     regularizer's gradient is already in the backward of any loss). Zero when nothing was measured.
@@ -90,7 +93,7 @@ def infosteer_loss(model: Any) -> torch.Tensor:
     mean = _last_mean_flux(model)
     if mean is None:
         return torch.zeros((), dtype=torch.float32, device=tracker.weight.device)
-    return (-tracker.weight.to(mean.device) * torch.nan_to_num(mean, nan=0.0)).detach()
+    return (-tracker.weight.to(mean.device) * tracker.flux_scale * torch.nan_to_num(mean, nan=0.0)).detach()
 
 
 def step_flux_target(model: Any) -> None:

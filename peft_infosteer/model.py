@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,10 +21,11 @@ from ._compat import check_adapters_not_merged, transformers_is_loading_an_adapt
 from ._registration import PREFIX
 from .architectures import default_target_modules
 from .config import InfoSteerConfig
-from .layer import InfoSteerLayer, Linear
+from .layer import _ELEVATE_NOT_MERGEABLE, InfoSteerLayer, Linear
 from .regularizer import FluxTracker
 from .target import FluxTarget
 from .validation import check_adapter_state_dict, explain_unmatched_targets
+from .version import __version__
 
 __all__ = ["InfoSteerModel"]
 
@@ -199,6 +201,7 @@ class InfoSteerModel(BaseTuner):
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, steer_state or None)
         except NoMatchingPeftModuleError as exc:
             raise explain_unmatched_targets(exc, model, config, part) from exc
+        self._convert_legacy_lambda(adapter_name, config)
         self._sync_tracker()
         if "_infosteer_hook_handles" not in self.__dict__:
             self.__dict__["_infosteer_hook_handles"] = (
@@ -208,11 +211,28 @@ class InfoSteerModel(BaseTuner):
         if not config.inference_mode and not self._has_trainable_parameters(adapter_name):
             warnings.warn(
                 f"InfoSteer adapter {adapter_name!r} has nothing to train (intervention={config.intervention!r} and "
-                "no `lora`): it steers at inference time only, and training it changes nothing. To train, use "
-                "intervention='gain' or stack LoRA with lora=LoraConfig(...).",
+                "no `lora`): it steers at inference time only, and training it changes nothing. To train, stack LoRA "
+                "with lora=LoraConfig(...) (the paper's setting: the intervention acts while LoRA trains) or use "
+                "intervention='gain'.",
                 UserWarning,
                 stacklevel=2,
             )
+
+    def _convert_legacy_lambda(self, adapter_name: str, config: InfoSteerConfig) -> None:
+        """Give a config written before 0.2.0 its lambda in the paper's units (``docs/concepts.md``).
+
+        Before 0.2.0 the regularizer was ``-lambda_old * mean over layers of H / log d_ff``; now it is ``-lambda *
+        sum over layers of H``, so ``lambda = lambda_old / (number of steered layers * log d_ff)`` trains the same.
+        The flux target's start and cap are converted alike; the config then carries the current version.
+        """
+        if config.lambda_in_paper_units:
+            return
+        layers = [layer for layer in self._steering_layers() if adapter_name in layer.infosteer_settings]
+        factor = sum(math.log(layer.in_features) if layer.in_features > 1 else 1.0 for layer in layers)
+        if factor > 0:
+            config.entropy_weight = float(config.entropy_weight) / factor
+            config.max_entropy_weight = float(config.max_entropy_weight) / factor
+        config.infosteer_version = __version__
 
     def _has_trainable_parameters(self, adapter_name: str) -> bool:
         for module in self.model.modules():
@@ -295,7 +315,9 @@ class InfoSteerModel(BaseTuner):
         if not (with_grad or tracker.measure):
             tracker.begin(kwargs, with_grad=False, regularizing_layers=0)
             return
-        layers = sum(1 for layer in self._steering_layers() if layer.steering)
+        steering = [layer for layer in self._steering_layers() if layer.steering]
+        layers = len(steering)
+        tracker.flux_scale = sum(math.log(layer.in_features) if layer.in_features > 1 else 1.0 for layer in steering)
         device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         tracker.begin(kwargs, with_grad=with_grad, regularizing_layers=layers, device=device)
 
@@ -355,6 +377,8 @@ class InfoSteerModel(BaseTuner):
             )
         for name in self.active_adapters:
             config = self.peft_config.get(name)
+            if isinstance(config, InfoSteerConfig) and config.intervention == "elevate" and not config.is_mergeable:
+                raise ValueError(_ELEVATE_NOT_MERGEABLE.format(name=name))
             if isinstance(config, InfoSteerConfig) and not config.is_mergeable:
                 raise ValueError(
                     f"Cannot merge InfoSteer adapter {name!r}: intervention={config.intervention!r} is not a linear "

@@ -23,11 +23,13 @@ from typing import Any, Literal
 import torch
 
 from ._closed_form import Flatten, FusedFlux, Gain, entropy_terms, flatten_backward, flux_backward, log_d
+from ._elevate import Elevate, elevate_count
 
 __all__ = [
     "USAGE_MODES",
     "Usage",
     "compiled_math_enabled",
+    "elevate_keys",
     "flatten_keys",
     "fused_information_flux",
     "gain_keys",
@@ -298,6 +300,28 @@ class _GainSavingOutput(torch.autograd.Function):
         # eager on purpose: with this backward compiled, an eager SmolLM2 step with gain ran at 1.20x LoRA's time,
         # eager 0.99x (benchmarks/results/overhead/smollm2-cpu-after-memory-fixes, smollm2-cpu-gain-eager-backward)
         return _gain_backward(grad_out, out, gain, bool(ctx.needs_input_grad[0]))
+
+
+def elevate_keys(k: torch.Tensor, fraction: float, scale: float, rank: str = "magnitude") -> torch.Tensor:
+    """The paper's ``elevate`` intervention: the bottom ``fraction`` of each row of ``k`` set to ``scale`` x its mean.
+
+    ``rank="magnitude"`` ranks by ``|k_i|`` and sets ``scale * mean |k|`` with each coefficient's own sign (the paper's
+    formula for non-negative keys, read for signed gated ones); ``rank="value"`` ranks by ``k_i`` and sets
+    ``scale * mean k``. The gradient is the formula's (``peft_infosteer._elevate``); ``ceil(fraction * d_ff)``
+    coefficients per row are replaced.
+
+    >>> elevate_keys(torch.tensor([[4.0, -0.5, 2.0, -1.5]]), fraction=0.25, scale=1.0)
+    tensor([[ 4.0000, -2.0000,  2.0000, -1.5000]])
+    >>> elevate_keys(torch.tensor([[4.0, -0.5, 2.0, -1.5]]), fraction=0.25, scale=1.0, rank="value")
+    tensor([[ 4.0000, -0.5000,  2.0000,  1.0000]])
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"elevate_fraction must be in (0, 1), got {fraction!r}")
+    if rank not in ("magnitude", "value"):
+        raise ValueError(f"elevate_rank must be 'magnitude' or 'value', got {rank!r}")
+    if k.shape[-1] == 0:
+        raise ValueError("the key vector k must have at least one coefficient (d_ff > 0)")
+    return Elevate.apply(k, elevate_count(fraction, k.shape[-1]), float(scale), rank == "value")
 
 
 def flatten_keys(k: torch.Tensor, strength: float) -> torch.Tensor:

@@ -5,8 +5,10 @@ to the key coefficients ``k'`` it passes to the output projection, with a small 
 the identity and whose backward adds the gradient of the share (the pattern of Megatron-LM's
 ``MoEAuxLossAutoScaler``). Whatever loss the caller builds, its ordinary backward trains the regularizer.
 
-Normalisation. The share of layer ``l`` is ``-lambda / L * sum_t w_t F_t`` with ``w_t = m_t / sum(m)`` over the
-tokens ``m`` that count (next-token labels in the loss, else the attention mask, else all). The backward scales it
+Normalisation. ``entropy_weight`` is the paper's lambda: the regularizer is ``-lambda * sum_l mean_t H_l`` with the
+entropy ``H = F * log d_ff`` in nats. The share of layer ``l`` is ``-lambda * log(d_ff) * sum_t w_t F_t`` with
+``w_t = m_t / sum(m)`` over the tokens ``m`` that count (next-token labels in the loss, else the attention mask, else
+all). The backward scales it
 by ``s``, the weight the caller's loss gives this forward relative to a per-forward mean; ``s`` arrives during the
 backward itself, from a probe on the model output the loss was built from:
 
@@ -51,6 +53,7 @@ from typing import Any
 
 import torch
 
+from ._closed_form import log_d
 from .ops import fused_information_flux
 
 __all__ = ["ForwardFlux", "FluxTracker", "token_mask"]
@@ -90,7 +93,7 @@ class ForwardFlux:
     token_weights: torch.Tensor | None
     # sum(m) / D for the model-loss probe (1 unless the forward received num_items_in_batch)
     loss_ratio: torch.Tensor | None
-    # -lambda / (number of regularizing layers), a float32 scalar tensor; None when the regularizer is off
+    # -lambda, a float32 scalar tensor (each layer's share is this times log d_ff); None when the regularizer is off
     coefficient: torch.Tensor | None
     carrier: torch.Tensor
     measured: bool = False
@@ -129,17 +132,17 @@ def _flux_stats(flux: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor | No
 
 
 class _AttachFlux(torch.autograd.Function):
-    """Identity on ``k``; backward adds ``coefficient * s * token_weights`` as the gradient of the per-token flux.
+    """Identity on ``k``; backward adds ``coefficient * log_d * s * token_weights`` as the per-token flux's gradient.
 
     ``s`` is the carrier's gradient ``[s, fired]`` (``s = 1`` where no probe fired) or, during a reentrant
     recomputation, the scale the probes recorded. The carrier's value accumulates ``stats`` for logging.
     """
 
     @staticmethod
-    def forward(ctx, k, flux, stats, carrier, token_weights, coefficient, fixed_scale):
+    def forward(ctx, k, flux, stats, carrier, token_weights, coefficient, fixed_scale, log_d):
         # plain attributes, not save_for_backward: a non-reentrant checkpoint recomputation must not replace them
         ctx.token_weights = token_weights
-        ctx.coefficient = coefficient
+        ctx.coefficient = coefficient * log_d  # flux F = H / log d_ff: lambda weighs H
         ctx.fixed_scale = fixed_scale
         return k.view_as(k), carrier + stats
 
@@ -148,7 +151,7 @@ class _AttachFlux(torch.autograd.Function):
         scale = grad_carrier if ctx.fixed_scale is None else ctx.fixed_scale
         s = torch.where(scale[1] > 0, scale[0], torch.ones_like(scale[0]))
         grad_flux = (ctx.coefficient * s) * ctx.token_weights
-        return grad_k, grad_flux, None, grad_carrier, None, None, None
+        return grad_k, grad_flux, None, grad_carrier, None, None, None, None
 
 
 class _LossProbe(torch.autograd.Function):
@@ -204,6 +207,9 @@ class FluxTracker:
         # lambda as a float32 scalar tensor, so that a changing multiplier (flux target) recompiles nothing
         self.weight = torch.zeros((), dtype=torch.float32)
         self.regularizing = False
+        #: sum of log(d_ff) over the layers that steered the last forward: the regularizer's value is
+        #: ``-weight * flux_scale * mean flux`` (the paper's ``-lambda * sum_l mean_t H_l``)
+        self.flux_scale = 0.0
         # the forward between begin and finish, and the last grad-enabled one (its backward may recompute layers)
         self._active: ForwardFlux | None = None
         self._training: ForwardFlux | None = None
@@ -249,7 +255,7 @@ class FluxTracker:
         if with_grad and self.regularizing and regularizing_layers > 0:
             if self.weight.device != device:
                 self.weight = self.weight.to(device)
-            coefficient = -self.weight / regularizing_layers
+            coefficient = -self.weight
         state = ForwardFlux(
             with_grad=with_grad,
             mask=mask,
@@ -292,17 +298,21 @@ class FluxTracker:
             token_weights = torch.full_like(flux, 1.0 / max(flux.numel(), 1))
         stats = _flux_stats(flux, valid, mask)
         if not state.finished:
-            k, state.carrier = _AttachFlux.apply(k, flux, stats, state.carrier, token_weights, state.coefficient, None)
+            k, state.carrier = _AttachFlux.apply(
+                k, flux, stats, state.carrier, token_weights, state.coefficient, None, log_d(k)
+            )
             state.measured = True
         elif state.reentrant:
             # the recomputation of a reentrant checkpoint: the probes have recorded the scale by now
             state.recomputed = True
             fixed_scale = state.scale if state.scale is not None else torch.zeros_like(state.carrier)
-            k, _ = _AttachFlux.apply(k, flux, stats, state.carrier, token_weights, state.coefficient, fixed_scale)
+            k, _ = _AttachFlux.apply(
+                k, flux, stats, state.carrier, token_weights, state.coefficient, fixed_scale, log_d(k)
+            )
             self._add_totals(state, stats)
         else:
             # a non-reentrant recomputation: it must save what the original forward saved; its attach node is unused
-            k, _ = _AttachFlux.apply(k, flux, stats, state.carrier, token_weights, state.coefficient, None)
+            k, _ = _AttachFlux.apply(k, flux, stats, state.carrier, token_weights, state.coefficient, None, log_d(k))
         return k
 
     def finish(self, outputs: Any) -> Any:

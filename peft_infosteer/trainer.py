@@ -4,8 +4,8 @@ Any ``transformers.Trainer`` or TRL trainer trains an InfoSteer adapter's regula
 backward pass, see :mod:`peft_infosteer.regularizer`). What a trainer integration adds:
 
 - :class:`InfoSteerCallback`: logs ``infosteer/flux`` (mean flux over the logging interval and all ranks) and
-  ``infosteer/loss`` (the regularizer's value ``-entropy_weight * flux``) beside the trainer's own metrics, in train
-  and eval. One line for any trainer: ``InfoSteerCallback.attach(trainer)``.
+  ``infosteer/loss`` (the regularizer's value ``-entropy_weight * sum over layers of H``, ``H = flux * log d_ff``)
+  beside the trainer's own metrics, in train and eval. One line for any trainer: ``InfoSteerCallback.attach(trainer)``.
 - :class:`InfoSteerSFTTrainer`: ``trl.SFTTrainer`` with that callback, the InfoSteer section in the model card it
   writes, and ``resume_from_checkpoint=True`` that skips a checkpoint whose save was interrupted.
 """
@@ -133,7 +133,10 @@ class InfoSteerCallback(TrainerCallback, ExportableState):
             return
         prefix = "eval_" if mode == _EVAL else ""
         flux = flux_sum / count
-        added = {f"{prefix}infosteer/flux": flux, f"{prefix}infosteer/loss": -float(tracker.weight) * flux}
+        added = {
+            f"{prefix}infosteer/flux": flux,
+            f"{prefix}infosteer/loss": -float(tracker.weight) * tracker.flux_scale * flux,
+        }
         target = tuner.flux_target
         if target is not None and mode == _TRAIN:
             added["infosteer/lambda"] = target.weight

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from ..config import InfoSteerConfig, Intervention
+from ..config import ElevateRank, InfoSteerConfig, Intervention
 from ..ops import Usage
 
 __all__ = [
@@ -36,10 +36,28 @@ class InfoSteerArguments:
     """InfoSteer settings for the SFT script (see ``InfoSteerConfig`` for their meaning; same defaults)."""
 
     entropy_weight: float = field(
-        default=_default("entropy_weight"), metadata={"help": "Weight lambda >= 0 of the flux regularizer."}
+        default=_default("entropy_weight"),
+        metadata={"help": "The paper's lambda >= 0 of the entropy regularizer (0 = off; the paper used 0.01, 0.05)."},
     )
     intervention: str = field(
-        default=_default("intervention"), metadata={"help": "Forward intervention: 'gain', 'none' or 'flatten'."}
+        default=_default("intervention"),
+        metadata={"help": "Forward intervention: 'elevate' (the paper's), 'none', 'gain' or 'flatten'."},
+    )
+    elevate_fraction: float = field(
+        default=_default("elevate_fraction"),
+        metadata={"help": "The paper's p: fraction in (0, 1) of d_ff that 'elevate' replaces in each token."},
+    )
+    elevate_scale: float = field(
+        default=_default("elevate_scale"),
+        metadata={"help": "The paper's alpha >= 0: 'elevate' sets the bottom p to alpha times the mean."},
+    )
+    elevate_rank: str = field(
+        default=_default("elevate_rank"),
+        metadata={"help": "'magnitude' (smallest |k|, signed keys) or 'value' (the literal reading)."},
+    )
+    elevate_at_inference: bool = field(
+        default=_default("elevate_at_inference"),
+        metadata={"help": "Whether 'elevate' also acts at inference (False: training only, and the adapter merges)."},
     )
     flatten_strength: float = field(
         default=_default("flatten_strength"), metadata={"help": "Strength in [0, 1] of 'flatten'."}
@@ -85,6 +103,10 @@ def build_infosteer_config(model_args: Any, infosteer_args: InfoSteerArguments):
         entropy_weight=infosteer_args.entropy_weight,
         intervention=cast(Intervention, infosteer_args.intervention),  # InfoSteerConfig validates both
         flatten_strength=infosteer_args.flatten_strength,
+        elevate_fraction=infosteer_args.elevate_fraction,
+        elevate_scale=infosteer_args.elevate_scale,
+        elevate_rank=cast(ElevateRank, infosteer_args.elevate_rank),
+        elevate_at_inference=infosteer_args.elevate_at_inference,
         flux_target_rise=infosteer_args.flux_target_rise,
         flux_target=infosteer_args.flux_target,
         flux_target_rate=infosteer_args.flux_target_rate,

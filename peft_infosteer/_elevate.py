@@ -1,0 +1,87 @@
+"""The paper's ``elevate`` intervention as an autograd function with its closed-form backward.
+
+For each row ``k`` (one token's key coefficients, ``d = d_ff`` of them) the ``m = ceil(p * d)`` coefficients ranked
+lowest are replaced by ``alpha`` times the row's mean (docs/concepts.md):
+
+- ``rank="magnitude"``: the ``m`` smallest ``|k_i|``, each set to ``alpha * mean_j |k_j|`` with its own sign (the sign
+  of 0 counts as +). For non-negative keys this is the paper's ``k_s <- alpha * mean_j k_j``.
+- ``rank="value"``: the literal reading, the ``m`` smallest ``k_i``, each set to ``alpha * mean_j k_j``.
+
+The gradient is that of the formula: a replaced coefficient gets none of its own, and every coefficient gets its share
+through the mean, ``dL/dk_j = [j not replaced] g_j + (alpha / d) * sign(k_j) * sum_(s replaced) g_s * sign(k_s)``
+(``rank="value"``: without the signs). The selection is ``torch.topk`` of ``m`` (about 1% of ``d``), which touches
+every coefficient once and sorts nothing else. Backward keeps the output ``k'`` (which the output projection keeps
+anyway), the selected indices and the original values there (``rows x m``): ``sign(k)`` is ``sign(k')`` outside the
+selection. Nothing is read on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["Elevate", "elevate_count", "elevate_reference"]
+
+
+def elevate_count(fraction: float, d: int) -> int:
+    """``ceil(fraction * d)``, at least 1 and at most ``d`` (rounded first, so 0.01 * 100 counts 1, not 2).
+
+    >>> elevate_count(0.01, 1536), elevate_count(0.01, 100), elevate_count(0.5, 3)
+    (16, 1, 2)
+    """
+    return min(d, max(1, math.ceil(round(fraction * d, 9))))
+
+
+def _select(k: torch.Tensor, m: int, by_value: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the ``m`` lowest-ranked coefficients of each row, and the row mean (float32, kept dim)."""
+    key = k if by_value else k.abs()
+    index = torch.topk(key, m, dim=-1, largest=False, sorted=False).indices
+    mean = key.mean(dim=-1, keepdim=True, dtype=torch.float32)
+    return index, mean
+
+
+def _signs(x: torch.Tensor) -> torch.Tensor:
+    """``sign(x)`` with the sign of 0 counted as +, in float32."""
+    return torch.where(x >= 0, 1.0, -1.0).to(torch.float32)
+
+
+class Elevate(torch.autograd.Function):
+    """``elevate`` forward and closed-form backward (see the module docstring); ``apply(k, m, scale, by_value)``."""
+
+    @staticmethod
+    def forward(ctx: Any, k: torch.Tensor, m: int, scale: float, by_value: bool) -> torch.Tensor:
+        index, mean = _select(k, m, by_value)
+        picked = k.gather(-1, index)
+        new = scale * mean if by_value else scale * mean * _signs(picked)
+        out = k.scatter(-1, index, new.to(k.dtype).expand_as(picked))
+        ctx.save_for_backward(out, index, picked)
+        ctx.scale, ctx.by_value = scale, by_value
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        out, index, picked = ctx.saved_tensors
+        d = out.shape[-1]
+        grad_picked = grad_out.gather(-1, index).float()
+        grad = grad_out.scatter(-1, index, torch.zeros_like(picked, dtype=grad_out.dtype))
+        if ctx.by_value:
+            through_mean = (ctx.scale / d) * grad_picked.sum(-1, keepdim=True)
+            return grad + through_mean.to(grad.dtype), None, None, None
+        through_mean = (ctx.scale / d) * (grad_picked * _signs(picked)).sum(-1, keepdim=True)
+        # sign(k): sign(k') outside the selection, the saved originals' signs (0 stays 0, as |k|'s gradient) inside
+        sign_k = torch.sign(out.float()).scatter(-1, index, torch.sign(picked.float()))
+        return grad + (through_mean * sign_k).to(grad.dtype), None, None, None
+
+
+def elevate_reference(k: torch.Tensor, fraction: float, scale: float, rank: str = "magnitude") -> torch.Tensor:
+    """Plain-autograd ``elevate`` (the formula written out), for tests and for clarity."""
+    m = elevate_count(fraction, k.shape[-1])
+    by_value = rank == "value"
+    key = k if by_value else k.abs()
+    index = torch.topk(key, m, dim=-1, largest=False, sorted=False).indices
+    mean = key.float().mean(dim=-1, keepdim=True)
+    picked = k.gather(-1, index)
+    sign = torch.ones_like(picked, dtype=torch.float32) if by_value else _signs(picked.detach())
+    return k.scatter(-1, index, (scale * mean * sign).to(k.dtype))
