@@ -1,38 +1,46 @@
-"""What does InfoSteer cost? Training steps, the flux op alone, and generation, against plain LoRA.
+r"""What does InfoSteer cost? Training steps, the flux op, generation and elevate's selection, against plain LoRA.
 
-One run measures three things, each with interleaved repeats (every variant once per repeat, the order rotated each
-repeat, so that slow phases of a shared machine hit every variant alike) and ratios taken per repeat against the
-baseline of the same repeat, summarised by the median and the interquartile range:
+One run measures five things (a sixth on request), each with interleaved repeats (every variant once per repeat, the
+order rotated each repeat, so that slow phases of a shared machine hit every variant alike) and ratios taken per
+repeat against the baseline of the same repeat, summarised by the median and the interquartile range:
 
 1. **Training step** (forward, backward, AdamW step) of each InfoSteer mode against plain LoRA SFT: the same LoRA
    (r=16 on all linear layers, same initialisation) on the same fixed batches (random token ids, every token in the
-   loss). Modes: ``entropy`` (the regularizer alone), ``gain``, ``flatten`` (interventions alone), ``gain+entropy``.
-   Twice: **eager** (the model as it comes, the InfoSteer math compiled by ``peft_infosteer.ops`` as the package
-   does by default) against eager LoRA, and **compiled** (the whole training forward under ``torch.compile(model)``;
-   the backward is compiled with it) against compiled LoRA. An eager and a compiled variant of a mode share one model
-   and optimizer. ``entropy-closed-form`` is the eager ``entropy`` step with ``ops.set_compiled_math(False)``: the
-   eager closed-form functions instead of the compiled math, inside a real step.
+   loss). Modes: ``entropy`` (the regularizer alone), ``gain``, ``flatten``, ``elevate`` (interventions alone;
+   ``elevate`` is the paper's, at its defaults p = 0.01, alpha = 1), ``gain+entropy``. Twice: **eager** (the model
+   as it comes, the InfoSteer math compiled by ``peft_infosteer.ops`` as the package does by default) against eager
+   LoRA, and **compiled** (the whole training forward under ``torch.compile(model)``; the backward is compiled with
+   it) against compiled LoRA. An eager and a compiled variant of a mode share one model and optimizer.
+   ``entropy-closed-form`` is the eager ``entropy`` step with ``ops.set_compiled_math(False)``: the eager
+   closed-form functions instead of the compiled math, inside a real step.
 2. **The flux op alone** on one layer's keys ``[batch * seq, d_ff]``, forward + backward: the eager closed-form
    function (``_closed_form.FusedFlux``), the same formula in plain autograd (``ops.information_flux``, the
    baseline), the compiled path (``ops.fused_information_flux`` with compiled math) and plain autograd under
    ``torch.compile``.
 3. **Generation**: greedy ``generate`` at batch 1 and 4, a fixed prompt length, exactly ``--new-tokens`` new tokens
    (``min_new_tokens`` equal), under ``torch.no_grad()``: plain LoRA (unmerged), InfoSteer ``gain`` + LoRA unmerged
-   (``entropy_weight > 0`` in its config: inference must do no flux work, checked on the flux tracker) and that
-   InfoSteer model merged (``merge_and_unload()``). LoRA weights and gains are randomised first (LoRA B is 0 and
-   gains are 1 at initialisation), so that merged and unmerged do real work.
-
+   (``entropy_weight > 0`` in its config: inference must do no flux work, checked on the flux tracker), that
+   InfoSteer model merged (``merge_and_unload()``), ``elevate`` + LoRA unmerged (``elevate_at_inference=True``: the
+   selection runs on every generated token) and training-only ``elevate`` + LoRA (``elevate_at_inference=False``:
+   must add nothing, and generate LoRA's tokens exactly). LoRA weights and gains are randomised first (LoRA B is 0
+   and gains are 1 at initialisation), so that merged and unmerged do real work.
 4. **Where the compiled step's time goes** (``kernels``, not in the default parts): one compiled training step per
    mode and repeat under ``torch.profiler``, interleaved, its self time summed by kind: matrix products, attention,
    the compiler's fused elementwise kernels, the rest. The modes do the same matrix products and attention, so the
    difference in fused-kernel time is what steering adds, measured without the noise of the matrix products, which
    dominates whole-step ratios on a shared CPU. ``--layers 2`` keeps the first two decoder layers (real weights)
    for a quick per-layer number.
+5. **Selecting the bottom p%** (``selection``): on key tensors ``[rows, d_ff]`` (the training step's rows and one
+   decode step's), float32 and bfloat16: ``torch.topk(|k|, m, largest=False)`` (what ``elevate`` uses, the
+   baseline), ``torch.kthvalue`` + a threshold mask, a full ``torch.sort``, and an exact threshold search (bisection
+   on the bit patterns of ``|k|``, one counting pass per bit); each selection alone, forward only. Beside them the
+   whole ``elevate`` forward + backward (``ops.elevate_keys``), its plain-autograd reference, and the layer it sits
+   in: the LoRA output projection ``d_ff -> hidden`` forward + backward, the baseline of the ``elevate`` rows.
 
 Everything (compiles included) is warmed up before timing; warm-up time is reported separately. Graphs compiled
 after the warm-up (in the timed and memory steps) are counted; they should be 0.
 
-Peak memory (parts 1 and 2):
+Peak memory (parts 1, 2 and 5):
 
 - CUDA: ``torch.cuda.max_memory_allocated`` over one step, minus what was allocated before.
 - CPU: the allocator's live bytes, followed through one step with ``torch.profiler`` (``profile_memory=True`` records
@@ -45,6 +53,8 @@ Peak memory (parts 1 and 2):
     python benchmarks/overhead.py --quick --json out.json   # tiny random model, < 60 s with a warm compile cache
     python benchmarks/overhead.py --device cuda --dtype bfloat16 --load-in-4bit --name smollm2-cuda-4bit
     python benchmarks/overhead.py --threads 1 --parts kernels --modes gain,gain+entropy --layers 2
+    python benchmarks/overhead.py --threads 1 --parts eager,compiled,generation,selection --modes elevate \
+        --repeats 10 --name smollm2-cpu-elevate              # issue 19: elevate against LoRA (benchmarks/README.md)
 """
 
 from __future__ import annotations
@@ -72,8 +82,8 @@ import numpy as np
 import torch
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
-PARTS = ("eager", "compiled", "op", "generation", "kernels")
-DEFAULT_PARTS = PARTS[:4]  # "kernels" profiles compiled steps on request
+PARTS = ("eager", "compiled", "op", "generation", "selection", "kernels")
+DEFAULT_PARTS = PARTS[:5]  # "kernels" profiles compiled steps on request
 
 # mode -> InfoSteer settings (None: plain LoRA)
 MODES: dict[str, dict[str, Any] | None] = {
@@ -82,15 +92,33 @@ MODES: dict[str, dict[str, Any] | None] = {
     "gain": {"intervention": "gain", "entropy_weight": 0.0},
     "flatten": {"intervention": "flatten", "flatten_strength": 0.1, "entropy_weight": 0.0},
     "gain+entropy": {"intervention": "gain", "entropy_weight": 0.1},
+    # the paper's intervention at its defaults, spelled out so that the results record them
+    "elevate": {"intervention": "elevate", "elevate_fraction": 0.01, "elevate_scale": 1.0, "entropy_weight": 0.0},
 }
 CLOSED_FORM = "entropy-closed-form"  # the eager entropy step with ops.set_compiled_math(False)
-# median ratio to the LoRA step of the same kind (eager or compiled); the memory target is the peak-memory ratio
-TIME_TARGETS = {"entropy": 1.03, "gain+entropy": 1.03, "gain": 1.02, "flatten": 1.02}
-MEMORY_TARGETS = {"entropy": 1.05}
-# generation: InfoSteer + LoRA unmerged against plain LoRA, time per generate call
+# median ratio to the LoRA step of the same kind; a variant's own entry ("eager/elevate") before its mode's. The
+# memory target is the peak-memory ratio.
+TIME_TARGETS = {
+    "entropy": 1.03,
+    "gain+entropy": 1.03,
+    "gain": 1.02,
+    "flatten": 1.02,
+    "eager/elevate": 1.05,
+    "compiled/elevate": 1.03,
+}
+MEMORY_TARGETS = {"entropy": 1.05, "elevate": 1.03}
+# generation: InfoSteer + LoRA unmerged against plain LoRA, time per generate call. "infosteer" (gain, regularizer in
+# the config) is also merged; the elevate adapters are generated unmerged (elevate_at_inference=True cannot merge).
 GENERATION_SETTINGS = {"intervention": "gain", "entropy_weight": 0.1}
-GENERATION_TARGETS = {"infosteer": 1.03}
+GENERATION_ELEVATE = {
+    "elevate": {"intervention": "elevate", "elevate_at_inference": True},
+    "elevate-training-only": {"intervention": "elevate", "elevate_at_inference": False},
+}
+GENERATION_TARGETS = {"infosteer": 1.03, "elevate": 1.05, "elevate-training-only": 1.02}
 OP_BASELINE = "plain-autograd"
+SELECTIONS = ("topk", "kthvalue+mask", "sort", "threshold-search+mask")
+SELECTION_BASELINE = SELECTIONS[0]  # what elevate selects with
+ELEVATE_BASELINE = "lora-down-proj"  # the layer elevate sits in
 
 
 # ---- statistics and timing ----------------------------------------------------------------------------------------
@@ -347,8 +375,8 @@ def target_checks(ratios: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     for name, r in ratios.items():
         mode = name.split("/", 1)[1]
         checks = {}
-        if mode in TIME_TARGETS:
-            checks["time"] = (TIME_TARGETS[mode], r["time"]["median"])
+        if (time_target := TIME_TARGETS.get(name, TIME_TARGETS.get(mode))) is not None:
+            checks["time"] = (time_target, r["time"]["median"])
         if mode in MEMORY_TARGETS:
             checks["peak_memory"] = (MEMORY_TARGETS[mode], r["peak_memory"])
         if checks:
@@ -492,14 +520,17 @@ def randomise_adapters(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def generation_models(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    """Plain LoRA, InfoSteer gain + LoRA unmerged, and the same InfoSteer adapter merged into the weights."""
+    """Plain LoRA, InfoSteer gain + LoRA unmerged, the same InfoSteer adapter merged into the weights, and the
+    ``elevate`` adapters (at inference and training-only) + LoRA unmerged."""
     models = {"lora": peft_model(None, args, model_dir), "infosteer": peft_model(GENERATION_SETTINGS, args, model_dir)}
-    for model in models.values():
-        randomise_adapters(model)
     if not args.load_in_4bit:  # InfoSteer refuses to merge into quantized weights
         merged = peft_model(GENERATION_SETTINGS, args, model_dir)
         randomise_adapters(merged)  # the same weights as the unmerged one: seeded by parameter name
         models["infosteer-merged"] = merged.merge_and_unload()
+    models |= {name: peft_model(settings, args, model_dir) for name, settings in GENERATION_ELEVATE.items()}
+    for name, model in models.items():
+        if name != "infosteer-merged":
+            randomise_adapters(model)
     return {name: model.eval() for name, model in models.items()}
 
 
@@ -562,11 +593,148 @@ def measure_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, A
         # the unmerged InfoSteer model has entropy_weight > 0: generate() must not have measured any flux
         "flux_measured_during_generate": tracker.last is not None,
     }
+    new = {name: out[:, args.prompt_len :] for name, out in outputs.items()}
+
+    def same_tokens(a: str, b: str) -> float:
+        """The fraction of generated tokens where models ``a`` and ``b`` agree, the lowest over batch sizes."""
+        return float(min((new[f"{bs}/{a}"] == new[f"{bs}/{b}"]).float().mean() for bs in args.gen_batch))
+
     if "infosteer-merged" in models:
-        new = {name: out[:, args.prompt_len :] for name, out in outputs.items()}
-        same = [(new[f"{bs}/infosteer-merged"] == new[f"{bs}/infosteer"]).float().mean() for bs in args.gen_batch]
-        result["merged_equals_unmerged_tokens"] = float(min(same))  # fraction of the generated tokens
+        result["merged_equals_unmerged_tokens"] = same_tokens("infosteer-merged", "infosteer")
+    # training-only elevate must leave inference exactly LoRA's; elevate at inference changes tokens (information)
+    result["elevate_training_only_equals_lora_tokens"] = same_tokens("elevate-training-only", "lora")
+    result["elevate_equals_lora_tokens"] = same_tokens("elevate", "lora")
     return result
+
+
+# ---- part 5: selecting the bottom p% ------------------------------------------------------------------------------
+
+
+def threshold_search(a: torch.Tensor, m: int) -> torch.Tensor:
+    """The ``m``-th smallest value of each row of the non-negative ``a`` (as the same float), by an exact search.
+
+    Non-negative floats order like their bit patterns as integers, so the threshold is built one bit at a time, high
+    to low: a bit stays set while fewer than ``m`` patterns lie below the candidate. One counting pass per bit (15
+    for bfloat16 / float16, 31 for float32); nothing is sorted.
+
+    >>> a = torch.tensor([[0.5, 3.0, 0.0, 2.0, 0.25]])
+    >>> [threshold_search(a, m).item() for m in (1, 2, 3, 5)]
+    [0.0, 0.25, 0.5, 3.0]
+    """
+    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"threshold_search: float32, bfloat16 or float16 keys, got {a.dtype}")
+    wide = a.dtype == torch.float32
+    bits = a.view(torch.int32) if wide else a.view(torch.int16).to(torch.int32)
+    found = torch.zeros((*a.shape[:-1], 1), dtype=torch.int32, device=a.device)
+    for bit in reversed(range(31 if wide else 15)):
+        candidate = found + (1 << bit)
+        below = (bits < candidate).sum(-1, keepdim=True)
+        found = torch.where(below < m, candidate, found)
+    return found.view(torch.float32) if wide else found.to(torch.int16).view(a.dtype)
+
+
+def selection_functions(
+    k: torch.Tensor, m: int, lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> dict[str, Callable[[], None]]:
+    """Bottom-``m`` selections of ``|k|`` (forward only), and forward + backward of ``elevate`` and of the layer."""
+    from peft_infosteer import ops
+    from peft_infosteer._elevate import elevate_reference
+
+    fraction = m / k.shape[-1]  # elevate_count(fraction, d) == m
+    weight, lora_a, lora_b = lora
+    grad_k = torch.randn_like(k)
+    grad_y = torch.randn(k.shape[0], weight.shape[0], dtype=k.dtype, device=k.device)
+    x = k.detach()
+
+    def topk() -> None:
+        torch.topk(x.abs(), m, dim=-1, largest=False, sorted=False)
+
+    def kthvalue_mask() -> None:
+        a = x.abs()
+        _ = a <= torch.kthvalue(a, m, dim=-1, keepdim=True).values  # the mask that replaces the indices
+
+    def full_sort() -> None:
+        _ = torch.sort(x.abs(), dim=-1).indices[..., :m]
+
+    def search_mask() -> None:
+        a = x.abs()
+        _ = a <= threshold_search(a, m)
+
+    def elevate() -> None:
+        ops.elevate_keys(k, fraction, 1.0).backward(grad_k)
+        k.grad = None
+
+    def reference() -> None:
+        elevate_reference(k, fraction, 1.0).backward(grad_k)
+        k.grad = None
+
+    def down_proj() -> None:
+        # LoRA on the frozen output projection, as the training step runs it: dL/dk, dL/dA and dL/dB
+        y = k @ weight.T + (k @ lora_a.T) @ lora_b.T * 2.0
+        y.backward(grad_y)
+        k.grad = lora_a.grad = lora_b.grad = None
+
+    selections = dict(zip(SELECTIONS, (topk, kthvalue_mask, full_sort, search_mask)))
+    return selections | {
+        "elevate": elevate,
+        "elevate-reference": reference,
+        ELEVATE_BASELINE: down_proj,
+    }
+
+
+def repeated(fn: Callable[[], None], calls: int) -> Callable[[int], None]:
+    def run(r: int) -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
+
+
+def measure_selection(args: argparse.Namespace, d_ff: int, hidden: int) -> dict[str, Any]:
+    """Each selection and ``elevate`` on ``[rows, d_ff]`` keys per dtype and row count, interleaved within a group.
+
+    A timed sample repeats a call until it has processed the largest row count's rows (one call for the training
+    step's rows, many for a decode step's), so that small calls are not all timer and loop overhead.
+    """
+    from peft_infosteer._elevate import elevate_count
+
+    m = elevate_count(MODES["elevate"]["elevate_fraction"], d_ff)
+    most = max(args.selection_rows)
+    g = torch.Generator().manual_seed(0)
+    time_s: dict[str, dict[str, float]] = {}
+    ratios: dict[str, dict[str, Any]] = {}
+    memory: dict[str, int] = {}
+    warmup: dict[str, dict[str, float]] = {}
+    for dtype in args.selection_dtypes:
+        torch_dtype = common.DTYPES[dtype]
+        weight = (torch.randn(hidden, d_ff, generator=g) / d_ff**0.5).to(args.device, torch_dtype)
+        lora_a = (torch.randn(args.lora_r, d_ff, generator=g) / d_ff**0.5).to(args.device, torch_dtype)
+        lora_b = (torch.randn(hidden, args.lora_r, generator=g) * 0.02).to(args.device, torch_dtype)
+        lora = (weight, lora_a.requires_grad_(True), lora_b.requires_grad_(True))
+        for rows in args.selection_rows:
+            k = torch.randn(rows, d_ff, generator=g).to(args.device, torch_dtype).requires_grad_(True)
+            fns = selection_functions(k, m, lora)
+            calls = max(1, most // rows)
+            prefix = f"{dtype}/{rows}/"
+            timed = {prefix + n: repeated(fn, calls) for n, fn in fns.items()}
+            warmup |= warm_up(timed, args.warmup, args.device)
+            wall, _ = interleaved(timed, args.op_repeats, args.device)
+            time_s |= {n: summary([t / calls for t in v]) for n, v in wall.items()}
+            if rows == most:  # a decode step's keys take next to nothing; profiling costs time
+                memory |= {prefix + n: extra_peak_bytes(fn, args.device) for n, fn in fns.items()}
+            baseline = {prefix + n: prefix + (SELECTION_BASELINE if n in SELECTIONS else ELEVATE_BASELINE) for n in fns}
+            ratios |= {n: {"baseline": baseline[n], "time": r} for n, r in paired_ratios(wall, baseline).items()}
+    return {
+        "d_ff": d_ff,
+        "hidden": hidden,
+        "m": m,
+        "rows": args.selection_rows,
+        "dtypes": args.selection_dtypes,
+        "time_s": time_s,
+        "ratios": ratios,
+        "extra_peak_bytes": memory,
+        "warmup_s": warmup,
+    }
 
 
 # ---- part 4: where the compiled step's time goes -------------------------------------------------------------------
@@ -659,6 +827,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence (min = max)")
     p.add_argument("--gen-repeats", type=int, default=6, help="timed generate calls per variant and batch size")
+    p.add_argument(
+        "--selection-rows",
+        type=_int_list,
+        default=None,
+        help="key rows of the selection part (comma-separated; default: batch x seq and the generation batch sizes)",
+    )
+    p.add_argument(
+        "--selection-dtypes", default="float32,bfloat16", help="key dtypes of the selection part (comma-separated)"
+    )
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(common.DTYPES), default="float32", help="autocast dtype")
@@ -676,7 +853,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch_size, args.seq_len, args.repeats, args.warmup, args.n_batches = 2, 64, 3, 2, 2
         args.op_repeats, args.prompt_len, args.new_tokens, args.gen_repeats = 5, 16, 8, 3
         args.threads = args.threads or 1  # tiny ops: extra threads only add scheduling noise
+        args.selection_rows = args.selection_rows or [args.batch_size * args.seq_len, 1]
     args.device_type = torch.device(args.device).type
+    if args.selection_rows is None:  # the training step's rows, and one decode step's
+        args.selection_rows = sorted({args.batch_size * args.seq_len, *args.gen_batch}, reverse=True)
+    args.selection_dtypes = [x.strip() for x in args.selection_dtypes.split(",") if x.strip()]
+    if unknown := [x for x in args.selection_dtypes if x not in common.DTYPES]:
+        p.error(f"--selection-dtypes: unknown {unknown}; choose from {list(common.DTYPES)}")
     if args.name is None:
         alias = args.model if args.model in common.MODEL_ALIASES else Path(args.model).name
         args.name = "quick" if args.quick else f"{alias}-{args.device_type}"
@@ -696,7 +879,7 @@ def settings_record(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]
     return record | {
         "model_dir": str(model_dir),
         "mode_settings": {m: MODES[m] for m in args.modes},
-        "generation_settings": GENERATION_SETTINGS,
+        "generation_settings": {"infosteer": GENERATION_SETTINGS} | GENERATION_ELEVATE,
     }
 
 
@@ -739,6 +922,12 @@ def main(argv: list[str] | None = None) -> int:
         result["op"] = timed_part(measure_op, args, d_ff)
     if "generation" in args.parts:
         result["generation"] = timed_part(measure_generation, args, model_dir)
+    if "selection" in args.parts:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+        config = getattr(config, "text_config", config)  # multimodal configs (Gemma-3) nest the decoder's
+        result["selection"] = timed_part(measure_selection, args, config.intermediate_size, config.hidden_size)
     if "kernels" in args.parts:
         result["kernels"] = timed_part(measure_kernels, args, model_dir)
     result["compiled_math_stayed_on"] = ops.compiled_math_enabled()  # False: compiling failed, the eager fallback ran
@@ -857,7 +1046,9 @@ def _generation_section(gen: dict[str, Any], repeats: int) -> list[str]:
         f"## 3. Generation: greedy, prompt {gen['prompt_len']} tokens, exactly {gen['new_tokens']} new tokens",
         "",
         f"{repeats} interleaved repeats after one warm-up call each; ratios per repeat against plain LoRA (unmerged) "
-        "at the same batch size. LoRA weights and gains randomised; InfoSteer is `gain` with `entropy_weight > 0`.",
+        "at the same batch size. LoRA weights and gains randomised; InfoSteer is `gain` with `entropy_weight > 0`; "
+        "`elevate` and `elevate-training-only` are the paper's `elevate` with `elevate_at_inference` True / False, "
+        "unmerged.",
         "",
         "| batch | model | time per generate (median) | tokens/s | time vs LoRA: median [IQR] | warm-up | target |",
         "|---|---|---|---|---|---|---|",
@@ -873,6 +1064,37 @@ def _generation_section(gen: dict[str, Any], repeats: int) -> list[str]:
     lines += ["", f"Flux measured during generate: {'**yes**' if gen['flux_measured_during_generate'] else 'no'}."]
     if "merged_equals_unmerged_tokens" in gen:
         lines[-1] += f" Merged and unmerged generate the same token: {gen['merged_equals_unmerged_tokens']:.1%}."
+    if "elevate_training_only_equals_lora_tokens" in gen:
+        only = gen["elevate_training_only_equals_lora_tokens"]
+        lines[-1] += (
+            f" Training-only `elevate` (`elevate_at_inference=False`) generates LoRA's token: {only:.1%}"
+            f"{'' if only == 1.0 else ' (**should be 100%**)'}; `elevate` at inference: "
+            f"{gen['elevate_equals_lora_tokens']:.1%} (p = 1% of the keys changed in every layer and token)."
+        )
+    return [*lines, ""]
+
+
+def _selection_section(sel: dict[str, Any], repeats: int) -> list[str]:
+    lines = [
+        f"## 5. Selecting the bottom p%: m = {sel['m']} of d_ff = {sel['d_ff']} key coefficients per row",
+        "",
+        f"{repeats} interleaved repeats per dtype and row count, time per call (a small call repeated to "
+        f"{max(sel['rows'])} rows per sample). Selections of `|k|`, forward only, against `topk` (what `elevate` "
+        "uses); `elevate` (`ops.elevate_keys`) and its plain-autograd reference forward + backward, against the layer "
+        f"it sits in: the LoRA output projection `{sel['d_ff']} -> {sel['hidden']}` forward + backward.",
+        "",
+        "| dtype | rows | implementation | time (median) | time vs baseline: median [IQR] | baseline | "
+        "extra peak memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, t in sel["time_s"].items():
+        dtype, rows, impl = name.split("/", 2)
+        r = sel["ratios"].get(name)
+        ratio, base = (_iqr(r["time"]), r["baseline"].split("/", 2)[2]) if r else ("1", "")
+        lines.append(
+            f"| {dtype} | {rows} | {impl} | {1e3 * t['median']:.3f} ms | {ratio} | {base} | "
+            f"{_mib(sel['extra_peak_bytes'][name]) if name in sel['extra_peak_bytes'] else ''} |"
+        )
     return [*lines, ""]
 
 
@@ -909,6 +1131,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += _op_section(result["op"])
     if "generation" in result:
         lines += _generation_section(result["generation"], s["gen_repeats"])
+    if "selection" in result:
+        lines += _selection_section(result["selection"], s["op_repeats"])
     if "kernels" in result:
         lines += _kernels_section(result["kernels"], s["repeats"])
     lines.append(f"Memory: {result['memory_method']}. Wall time {result['wall_time_s']:.0f} s.")

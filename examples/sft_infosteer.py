@@ -4,15 +4,19 @@
 Every TRL SFT flag works. Examples (the local model and data paths are what `peft-infosteer demo` prepares offline;
 any Hub id works too when you are online):
 
-    # InfoSteer (gain + regularizer) stacked with LoRA
+    # the paper's InfoSteer (elevate, p = 1%, alpha = 1, and its regularizer with lambda = 0.01) while LoRA trains
     python examples/sft_infosteer.py \
         --model_name_or_path ~/.cache/peft-infosteer/SmolLM2-135M-Instruct \
         --dataset_name data.jsonl --output_dir out/infosteer \
         --use_peft --lora_r 16 --lora_alpha 32 --lora_target_modules all-linear \
-        --entropy_weight 100 --intervention gain --max_steps 100
+        --intervention elevate --elevate_fraction 0.01 --elevate_scale 1.0 --entropy_weight 0.01 --max_steps 100
 
-    # a flux target instead of a fixed lambda: lambda follows it from --entropy_weight, once per optimizer step
-    python examples/sft_infosteer.py ... --intervention gain --flux_target_rise 0.01 --entropy_weight 10
+    # elevate in training only, so that the adapter merges (peft-infosteer merge)
+    python examples/sft_infosteer.py ... --use_peft --elevate_at_inference False
+
+    # an extension: a flux target instead of a fixed lambda; lambda (the paper's units) follows it from
+    # --entropy_weight, once per optimizer step
+    python examples/sft_infosteer.py ... --use_peft --flux_target_rise 0.01 --entropy_weight 0.01
 
     # QLoRA-style: 4-bit base
     python examples/sft_infosteer.py ... --use_peft --lora_r 16 --load_in_4bit

@@ -34,11 +34,16 @@ def elevate_count(fraction: float, d: int) -> int:
     return min(d, max(1, math.ceil(round(fraction * d, 9))))
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision keys, the keys' own dtype when wider (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _select(k: torch.Tensor, m: int, by_value: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the ``m`` lowest-ranked coefficients of each row, and the row mean (float32, kept dim)."""
+    """Indices of the ``m`` lowest-ranked coefficients of each row, and the row mean (at least float32, kept dim)."""
     key = k if by_value else k.abs()
     index = torch.topk(key, m, dim=-1, largest=False, sorted=False).indices
-    mean = key.mean(dim=-1, keepdim=True, dtype=torch.float32)
+    mean = key.mean(dim=-1, keepdim=True, dtype=_compute_dtype(k.dtype))
     return index, mean
 
 
@@ -64,15 +69,18 @@ class Elevate(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         out, index, picked = ctx.saved_tensors
         d = out.shape[-1]
-        grad_picked = grad_out.gather(-1, index).float()
-        grad = grad_out.scatter(-1, index, torch.zeros_like(picked, dtype=grad_out.dtype))
+        wide = _compute_dtype(grad_out.dtype)
+        grad_picked = grad_out.gather(-1, index).to(wide)
+        # one fresh key-sized buffer in the gradient's dtype; the selected entries are overwritten in place
         if ctx.by_value:
-            through_mean = (ctx.scale / d) * grad_picked.sum(-1, keepdim=True)
-            return grad + through_mean.to(grad.dtype), None, None, None
-        through_mean = (ctx.scale / d) * (grad_picked * _signs(picked)).sum(-1, keepdim=True)
-        # sign(k): sign(k') outside the selection, the saved originals' signs (0 stays 0, as |k|'s gradient) inside
-        sign_k = torch.sign(out.float()).scatter(-1, index, torch.sign(picked.float()))
-        return grad + (through_mean * sign_k).to(grad.dtype), None, None, None
+            share = ((ctx.scale / d) * grad_picked.sum(-1, keepdim=True)).to(grad_out.dtype)
+            grad = grad_out + share
+            return grad.scatter_(-1, index, share.expand_as(picked)), None, None, None
+        share = (ctx.scale / d) * (grad_picked * _signs(picked)).sum(-1, keepdim=True)
+        # sign(k) = sign(k') outside the selection; a replaced entry gets only its share, signed by its original
+        # (0 stays 0, as |k|'s gradient)
+        grad = torch.sign(out).to(grad_out.dtype).mul_(share.to(grad_out.dtype)).add_(grad_out)
+        return grad.scatter_(-1, index, (share * torch.sign(picked.to(wide))).to(grad.dtype)), None, None, None
 
 
 def elevate_reference(k: torch.Tensor, fraction: float, scale: float, rank: str = "magnitude") -> torch.Tensor:
@@ -81,7 +89,7 @@ def elevate_reference(k: torch.Tensor, fraction: float, scale: float, rank: str 
     by_value = rank == "value"
     key = k if by_value else k.abs()
     index = torch.topk(key, m, dim=-1, largest=False, sorted=False).indices
-    mean = key.float().mean(dim=-1, keepdim=True)
+    mean = key.to(_compute_dtype(k.dtype)).mean(dim=-1, keepdim=True)
     picked = k.gather(-1, index)
     sign = torch.ones_like(picked, dtype=torch.float32) if by_value else _signs(picked.detach())
     return k.scatter(-1, index, (scale * mean * sign).to(k.dtype))

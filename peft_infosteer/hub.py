@@ -54,6 +54,13 @@ def _targets(value: Any) -> str:
     return ", ".join(f"`{n}`" for n in names)
 
 
+_ELEVATE_FIELDS = ("elevate_fraction", "elevate_scale", "elevate_rank", "elevate_at_inference")
+_NOT_MERGEABLE = {
+    "flatten": "`flatten` is not a linear map",
+    "elevate": "`elevate` acts at inference time: `elevate_at_inference` is true",
+}
+
+
 def _settings_rows(name: str, config: Any) -> list[str]:
     rows = [
         ("entropy_weight", config.entropy_weight),
@@ -64,6 +71,8 @@ def _settings_rows(name: str, config: Any) -> list[str]:
         rows.append(("usage_temperature", config.usage_temperature))
     if config.intervention == "flatten":
         rows.append(("flatten_strength", config.flatten_strength))
+    if config.intervention == "elevate":
+        rows += [(name, getattr(config, name)) for name in _ELEVATE_FIELDS]
     rows.append(("target_modules", _targets(config.target_modules)))
     if config.layers_to_transform is not None:
         rows.append(("layers_to_transform", config.layers_to_transform))
@@ -78,7 +87,7 @@ def _settings_rows(name: str, config: Any) -> list[str]:
             ("lora.target_modules", _targets(lora.target_modules)),
             ("lora.use_rslora", lora.use_rslora),
         ]
-    rows.append(("mergeable", "yes" if config.is_mergeable else "no (`flatten` is not a linear map)"))
+    rows.append(("mergeable", "yes" if config.is_mergeable else f"no ({_NOT_MERGEABLE[config.intervention]})"))
     lines = [f"Adapter `{name}`:", "", "| setting | value |", "|---|---|"]
     lines += [f"| `{key}` | {value} |" for key, value in rows]
     return lines

@@ -159,6 +159,7 @@ class InfoSteerModel(BaseTuner):
                     start_weight=float(config.entropy_weight),
                     rate=float(config.flux_target_rate),
                     max_weight=float(config.max_entropy_weight),
+                    legacy_factor=self._log_d_sum(name),
                 )
             return
         weight = float(config.entropy_weight) if isinstance(config, InfoSteerConfig) else 0.0
@@ -227,12 +228,23 @@ class InfoSteerModel(BaseTuner):
         """
         if config.lambda_in_paper_units:
             return
-        layers = [layer for layer in self._steering_layers() if adapter_name in layer.infosteer_settings]
-        factor = sum(math.log(layer.in_features) if layer.in_features > 1 else 1.0 for layer in layers)
+        factor = self._log_d_sum(adapter_name)
         if factor > 0:
             config.entropy_weight = float(config.entropy_weight) / factor
             config.max_entropy_weight = float(config.max_entropy_weight) / factor
         config.infosteer_version = __version__
+        # PEFT's injection activates the adapter, which may have started its flux target from the old values
+        stale = self.__dict__.get("_flux_targets", {}).pop(adapter_name, None)
+        if stale is not None:
+            stale.close()
+
+    def _log_d_sum(self, adapter_name: str) -> float:
+        """Sum of log d_ff over the layers that steer with ``adapter_name``: lambda before 0.2.0 / lambda now."""
+        # not the cached list: it may predate the layers this adapter's injection just created
+        layers = [
+            m for m in self.model.modules() if isinstance(m, InfoSteerLayer) and adapter_name in m.infosteer_settings
+        ]
+        return sum(math.log(layer.in_features) if layer.in_features > 1 else 1.0 for layer in layers)
 
     def _has_trainable_parameters(self, adapter_name: str) -> bool:
         for module in self.model.modules():

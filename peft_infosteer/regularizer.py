@@ -1,16 +1,15 @@
 """How the flux of each forward pass is measured, attached to the gradient, and read back.
 
-The regularizer ``-entropy_weight * mean F`` is never added to a loss value. Each steering layer attaches its share
-to the key coefficients ``k'`` it passes to the output projection, with a small autograd function whose forward is
-the identity and whose backward adds the gradient of the share (the pattern of Megatron-LM's
+The regularizer ``-entropy_weight * sum_l mean_t H_l`` is never added to a loss value. Each steering layer attaches
+its share to the key coefficients ``k'`` it passes to the output projection, with a small autograd function whose
+forward is the identity and whose backward adds the gradient of the share (the pattern of Megatron-LM's
 ``MoEAuxLossAutoScaler``). Whatever loss the caller builds, its ordinary backward trains the regularizer.
 
 Normalisation. ``entropy_weight`` is the paper's lambda: the regularizer is ``-lambda * sum_l mean_t H_l`` with the
 entropy ``H = F * log d_ff`` in nats. The share of layer ``l`` is ``-lambda * log(d_ff) * sum_t w_t F_t`` with
 ``w_t = m_t / sum(m)`` over the tokens ``m`` that count (next-token labels in the loss, else the attention mask, else
-all). The backward scales it
-by ``s``, the weight the caller's loss gives this forward relative to a per-forward mean; ``s`` arrives during the
-backward itself, from a probe on the model output the loss was built from:
+all). The backward scales it by ``s``, the weight the caller's loss gives this forward relative to a per-forward mean;
+``s`` arrives during the backward itself, from a probe on the model output the loss was built from:
 
 - the model's own ``loss`` (transformers' causal-LM loss): ``s = c * sum(m) / D``, with ``c`` the gradient of the
   final objective with respect to that loss (gradient accumulation, multi-process averaging, loss scaling) and ``D``

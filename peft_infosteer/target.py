@@ -1,14 +1,15 @@
 """A flux target with an automatic lambda: the regularizer's weight as a dual variable.
 
 Instead of a fixed ``entropy_weight``, the user asks for a mean flux: a rise over the flux the model starts from
-(``flux_target_rise``) or an absolute value (``flux_target``). Lambda then becomes a non-negative multiplier, updated
+(``flux_target_rise``) or an absolute value (``flux_target``). Lambda, in the units of ``entropy_weight`` (the paper's
+lambda, weighing the entropy in nats summed over the steered layers), then becomes a non-negative multiplier, updated
 once per optimizer step from the mean flux of that step (all micro-batches of the accumulation window, all ranks),
 like the temperature of soft actor-critic (Haarnoja et al., 2018) or GECO's multipliers (Rezende & Viola, 2018):
 
     lambda <- clip(lambda * exp(rate * clip((target - mean flux) / 0.01, -1, 1)), 0, max_entropy_weight)
 
 The step is multiplicative (in log lambda), as in both of those: the lambda a model needs differs by orders of magnitude
-between models (the flux gradient scales like ``1 / (sum |k| log d_ff)``), and a multiplicative step reaches any of
+between models (the entropy's gradient scales like ``1 / sum |k|``), and a multiplicative step reaches any of
 them in a number of steps that depends on the ratio, not on the scale. It is bounded: at most a factor ``exp(rate)``
 per step, reached when the gap is 0.01 flux or more. ``entropy_weight`` is where lambda starts. Lambda stops at
 ``max_entropy_weight`` when the target is out of reach, with one warning, instead of growing until training collapses.
@@ -45,12 +46,15 @@ _FLOOR_FRACTION = 1e-4
 class FluxTarget:
     """Drives ``tracker.weight`` (lambda) towards a mean-flux target; one per InfoSteer model with a target.
 
+    ``start_weight`` and ``max_weight`` are lambdas in the units of ``entropy_weight`` (the paper's lambda); the target
+    and the measured flux are normalised flux ``F = H / log d_ff`` in ``[0, 1]``.
+
     >>> from peft_infosteer.regularizer import FluxTracker
     >>> tracker = FluxTracker()
-    >>> target = FluxTarget(tracker, rise=0.01, absolute=None, start_weight=100.0, rate=0.2, max_weight=1e4)
+    >>> target = FluxTarget(tracker, rise=0.01, absolute=None, start_weight=0.01, rate=0.2, max_weight=100.0)
     >>> target.observe(torch.tensor([80.0, 100.0]))  # step 1: flux 0.8, the start
-    >>> target.step(); round(target.target, 4), round(target.weight, 2)
-    (0.81, 122.14)
+    >>> target.step(); round(target.target, 4), round(target.weight, 5)  # the gap is a full 0.01: lambda * exp(0.2)
+    (0.81, 0.01221)
     """
 
     def __init__(
@@ -61,8 +65,11 @@ class FluxTarget:
         start_weight: float,
         rate: float,
         max_weight: float,
+        legacy_factor: float = 1.0,
     ) -> None:
         self.tracker = tracker
+        # lambda of the units before 0.2.0 / lambda: how a checkpoint written then is read (load_state_dict)
+        self.legacy_factor = legacy_factor
         self.rise = rise
         self.absolute = absolute
         self.rate = rate
@@ -133,10 +140,18 @@ class FluxTarget:
 
     def state_dict(self) -> dict[str, Any]:
         """Lambda, the starting flux and the step count: what a resumed run needs to continue exactly."""
-        return {"weight": self.weight, "flux_start": self.flux_start, "steps": self.steps, "last_flux": self.last_flux}
+        return {
+            "weight": self.weight,
+            "flux_start": self.flux_start,
+            "steps": self.steps,
+            "last_flux": self.last_flux,
+            "lambda_units": "paper",
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weight = float(state["weight"])
+        """Continue from :meth:`state_dict`; a state without ``lambda_units`` (written before 0.2.0) is converted."""
+        weight = float(state["weight"])
+        self.weight = weight if state.get("lambda_units") == "paper" else weight / self.legacy_factor
         self.flux_start = None if state.get("flux_start") is None else float(state["flux_start"])
         self.steps = int(state.get("steps", 0))
         self.last_flux = state.get("last_flux")

@@ -1,12 +1,16 @@
-"""Plain-autograd references for the InfoSteer regularizer, written from the definition (docs/design.md).
+"""Plain-autograd references for the InfoSteer regularizer, written from the definition (docs/concepts.md).
 
-The regularized objective of one forward is ``L_task - lambda * mean F``: the mean over steered layers and over the
-tokens that count (next-token labels in the loss, else the attention mask, else all positions) of the information
-flux of the keys that reach each output projection, computed here with :func:`peft_infosteer.information_flux` and
-ordinary autograd.
+The regularized objective of one forward is the paper's ``L_task - lambda * sum_l mean_t H_l``: the sum over steered
+layers ``l`` of the mean over the tokens ``t`` that count (next-token labels in the loss, else the attention mask, else
+all positions) of the entropy ``H = F * log(d_ff)`` (nats) of the usage distribution of the keys that reach each
+output projection, with the flux ``F`` computed here with :func:`peft_infosteer.information_flux` and ordinary
+autograd. :func:`legacy_lambda` converts a lambda of the units before 0.2.0 (``L_task - lambda_old * mean over layers
+and tokens of F``) into these.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -22,9 +26,11 @@ def steering_layers(model) -> list[InfoSteerLayer]:
 def build(entropy_weight: float, checkpointing: bool | None = None, num_layers: int = 3, seed: int = 0, **config):
     """A tiny Llama with gain + LoRA (both away from their identity init), in train mode.
 
+    ``intervention`` defaults to ``"gain"`` here (its weights make the gradients worth comparing).
     ``checkpointing``: ``None`` (off), ``False`` (non-reentrant) or ``True`` (reentrant).
     """
     config.setdefault("lora", LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    config.setdefault("intervention", "gain")
     torch.manual_seed(seed)
     model = get_peft_model(
         tiny_model("llama", num_layers=num_layers, seed=seed), InfoSteerConfig(entropy_weight=entropy_weight, **config)
@@ -40,8 +46,13 @@ def build(entropy_weight: float, checkpointing: bool | None = None, num_layers: 
     return model.train()
 
 
+def legacy_lambda(lambda_old: float, d_ffs: list[int]) -> float:
+    """The lambda (paper's units) that trains like ``lambda_old`` of peft-infosteer < 0.2.0 on layers of ``d_ffs``."""
+    return lambda_old / sum(math.log(d) for d in d_ffs)
+
+
 def counted_tokens(batch: dict) -> torch.Tensor:
-    """The float mask of the positions whose flux counts (docs/design.md)."""
+    """The float mask of the positions whose flux counts (docs/concepts.md)."""
     labels = batch.get("labels")
     if labels is not None:
         mask = torch.zeros_like(labels, dtype=torch.float32)
@@ -52,8 +63,9 @@ def counted_tokens(batch: dict) -> torch.Tensor:
     return torch.ones_like(batch["input_ids"], dtype=torch.float32)
 
 
-def forward_with_plain_flux(model, batch: dict) -> tuple[object, torch.Tensor]:
-    """Run ``model`` (whose own regularizer must be off) and return its output and the plain mean flux (with grad)."""
+def forward_with_plain_fluxes(model, batch: dict) -> tuple[object, list[torch.Tensor], list[int]]:
+    """Run ``model`` (whose own regularizer must be off); return its output, each steered layer's mean flux over the
+    counted tokens (with grad, in layer order) and the keys' ``d_ff`` of each layer."""
     keys: list[torch.Tensor] = []
     handles = [
         layer.base_layer.register_forward_pre_hook(lambda _m, args: keys.append(args[0]))
@@ -65,8 +77,21 @@ def forward_with_plain_flux(model, batch: dict) -> tuple[object, torch.Tensor]:
         for handle in handles:
             handle.remove()
     mask = counted_tokens(batch)
-    flux = torch.stack([information_flux(k) for k in keys])  # (layers, batch, seq)
-    return out, (flux * mask).sum() / (mask.sum().clamp_min(1.0) * len(keys))
+    means = [(information_flux(k) * mask).sum() / mask.sum().clamp_min(1.0) for k in keys]
+    return out, means, [k.shape[-1] for k in keys]
+
+
+def forward_with_plain_entropy(model, batch: dict) -> tuple[object, torch.Tensor]:
+    """Run ``model`` (whose own regularizer must be off); return its output and ``sum_l mean_t H_l`` in nats (with
+    grad): the term the paper's lambda weighs, ``objective = L_task - lambda * term``."""
+    out, means, d_ffs = forward_with_plain_fluxes(model, batch)
+    return out, sum(mean * math.log(d) for mean, d in zip(means, d_ffs, strict=True))
+
+
+def forward_with_plain_flux(model, batch: dict) -> tuple[object, torch.Tensor]:
+    """Run ``model`` and return its output and the plain mean flux over layers and counted tokens (what is logged)."""
+    out, means, _ = forward_with_plain_fluxes(model, batch)
+    return out, torch.stack(means).mean()
 
 
 def trainable_grads(model) -> dict[str, torch.Tensor]:

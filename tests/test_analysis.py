@@ -367,6 +367,10 @@ def _assert_reports_equal(a: FluxReport, b: FluxReport) -> None:
         )  # fmt: skip
         np.testing.assert_array_equal(x.flux, y.flux)
         np.testing.assert_array_equal(x.surprisal, y.surprisal)
+        assert (x.specificity is None) == (y.specificity is None)
+        if x.specificity is not None:
+            np.testing.assert_array_equal(x.specificity, y.specificity)
+    assert a.memory_entropy == b.memory_entropy
 
 
 def test_dataframe_json_parquet_round_trip(llama, tokenizer, tmp_path):
@@ -375,7 +379,9 @@ def test_dataframe_json_parquet_round_trip(llama, tokenizer, tmp_path):
     df = report.to_dataframe()
     assert list(df.columns) == [
         "model", "text_id", "position", "token_id", "token", "token_class", "layer", "layer_name", "flux", "surprisal",
+        "specificity",
     ]  # fmt: skip
+    assert df["specificity"].isna().all() and not report.has_specificity  # measured only when asked
     assert len(df) == sum(t.num_tokens for t in report.texts) * 2
     row = df[(df.text_id == 1) & (df.position == 2) & (df.layer == 1)].iloc[0]
     assert row.flux == report.texts[1].flux[2, 1] and row.token == report.texts[1].tokens[2]

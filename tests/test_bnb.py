@@ -1,6 +1,9 @@
-"""A 4-bit NF4 bitsandbytes base (CPU) trains with InfoSteer + LoRA: forward, backward, optimizer step."""
+"""A 4-bit NF4 bitsandbytes base (CPU) trains with InfoSteer (gain or the paper's elevate) + LoRA: forward, backward,
+optimizer step."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -32,15 +35,16 @@ def _load_4bit(path, compute_dtype):
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu")
 
 
+@pytest.mark.parametrize("intervention", ["gain", "elevate"])
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
-def test_4bit_base_trains_with_infosteer_and_lora(base_dir, compute_dtype):
+def test_4bit_base_trains_with_infosteer_and_lora(base_dir, compute_dtype, intervention):
     from peft import prepare_model_for_kbit_training
 
     base = _load_4bit(base_dir, compute_dtype)
     assert base.is_loaded_in_4bit
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     config = InfoSteerConfig(
-        intervention="gain",
+        intervention=intervention,
         entropy_weight=0.5,
         lora=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
         task_type="CAUSAL_LM",
@@ -50,9 +54,22 @@ def test_4bit_base_trains_with_infosteer_and_lora(base_dir, compute_dtype):
     assert isinstance(down, InfoSteerLinear)
     assert isinstance(down.base_layer, lora.Linear4bit)
     assert isinstance(down.get_base_layer(), bnb.nn.Linear4bit)
+    if intervention == "elevate":  # the paper's intervention reaches the 4-bit projection: ceil(1% of 128) = 2 per row
+        seen = []
+        down.get_base_layer().register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+        down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+        with torch.no_grad():
+            model(input_ids=IDS)
+        keys, elevated = seen[-2], seen[-1]
+        assert elevated.dtype == keys.dtype
+        changed = (elevated != keys).sum(-1)
+        assert changed.min() >= 1 and changed.max() <= 2
+        lowest = keys.float().abs().topk(2, dim=-1, largest=False).values[..., -1:]
+        assert torch.all(keys.float().abs()[elevated != keys] <= lowest.expand_as(keys)[elevated != keys])
 
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert any("infosteer_gain" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    assert any("lora_A" in n for n in trainable)
+    assert any("infosteer_gain" in n for n in trainable) == (intervention == "gain")
     assert all(p.dtype == torch.float32 for p in trainable.values())
     before = {n: p.detach().clone() for n, p in trainable.items()}
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
@@ -63,7 +80,8 @@ def test_4bit_base_trains_with_infosteer_and_lora(base_dir, compute_dtype):
         loss = model(input_ids=IDS, labels=IDS).loss
         aux = infosteer_loss(model)  # the regularizer's value, for logging; its gradient is in loss.backward()
         assert not aux.requires_grad and torch.isfinite(aux)
-        assert aux.item() == pytest.approx(-0.5 * last_flux(model), rel=1e-5)
+        # the paper's -lambda * sum over the 2 steered layers of the mean entropy (nats): H = flux * log(d_ff = 128)
+        assert aux.item() == pytest.approx(-0.5 * 2 * math.log(128) * last_flux(model), rel=1e-5)
         assert torch.isfinite(loss)
         optimizer.zero_grad()
         loss.backward()

@@ -79,12 +79,13 @@ def test_train_follows_a_flux_target(tmp_path, capsys):
     code = cli.main(
         [
             "train", "--model_name_or_path", str(model_dir), "--dataset_name", str(_jsonl(tmp_path / "data.jsonl")),
-            "--output_dir", str(out), "--flux_target_rise", "0.01", "--entropy_weight", "10", *_TRAIN_FLAGS,
+            "--output_dir", str(out), "--flux_target_rise", "0.01", "--entropy_weight", "1.0", "--intervention",
+            "gain", *_TRAIN_FLAGS,
         ]
     )  # fmt: skip
     assert code == 0
     config = json.loads((out / "adapter_config.json").read_text())
-    assert (config["flux_target_rise"], config["entropy_weight"], config["intervention"]) == (0.01, 10.0, "gain")
+    assert (config["flux_target_rise"], config["entropy_weight"], config["intervention"]) == (0.01, 1.0, "gain")
 
 
 def test_train_stacks_4bit_like_trl(tmp_path):
@@ -194,7 +195,8 @@ def test_defaults_agree_between_python_the_cli_the_example_and_the_demo():
     config = {f.name: f.default for f in dataclasses.fields(InfoSteerConfig)}
     script = {f.name: f.default for f in dataclasses.fields(InfoSteerArguments)}  # peft-infosteer train and examples/
     for name in ("entropy_weight", "intervention", "flatten_strength", "usage", "usage_temperature",
-                 "flux_target_rise", "flux_target", "flux_target_rate", "max_entropy_weight"):  # fmt: skip
+                 "flux_target_rise", "flux_target", "flux_target_rate", "max_entropy_weight", "elevate_fraction",
+                 "elevate_scale", "elevate_rank", "elevate_at_inference"):  # fmt: skip
         assert script[name] == config[name], name
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)

@@ -77,6 +77,11 @@ CASES = {
     "gain+regularizer+lora": dict(entropy_weight=5.0),
     "gain": dict(entropy_weight=0.0, lora=None),
     "flatten+lora": dict(entropy_weight=5.0, intervention="flatten", lora=LoraConfig(r=2, target_modules=["up_proj"])),
+    "elevate+regularizer+lora": dict(
+        entropy_weight=0.5, intervention="elevate", elevate_fraction=0.05, elevate_scale=2.0
+    ),
+    "elevate-value+lora": dict(entropy_weight=0.0, intervention="elevate", elevate_rank="value"),
+    "elevate-training-only+lora": dict(entropy_weight=0.5, intervention="elevate", elevate_at_inference=False),
 }
 
 
@@ -92,7 +97,7 @@ def test_steered_forward_has_no_graph_break(compiled, case, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["gain+regularizer+lora", "flatten+lora"])
+@pytest.mark.parametrize("case", ["gain+regularizer+lora", "flatten+lora", "elevate+regularizer+lora"])
 def test_a_compiled_training_step_equals_the_eager_one(compiled, case):
     ids = torch.randint(3, 100, (2, 8))
     settings = {k: v for k, v in CASES[case].items() if k != "entropy_weight"}
@@ -122,13 +127,38 @@ def test_trl_torch_compile_trains(tmp_path):
     trainer = SFTTrainer(
         model=tiny_model("llama", num_layers=1, vocab_size=len(tiny_tokenizer())), args=args,
         train_dataset=Dataset.from_list(rows),
-        processing_class=tiny_tokenizer(), peft_config=InfoSteerConfig(entropy_weight=5.0, lora=LoraConfig(r=2)),
+        processing_class=tiny_tokenizer(),
+        peft_config=InfoSteerConfig(intervention="gain", entropy_weight=1.0, lora=LoraConfig(r=2)),
     )  # fmt: skip
     gains = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "infosteer_gain" in n}
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
     after = {n: p for n, p in trainer.model.named_parameters() if "infosteer_gain" in n}
     assert any(not torch.equal(gains[n], after[n]) for n in gains)
+
+
+@pytest.mark.parametrize("rank", ["magnitude", "value"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elevate_inside_a_users_compiled_graph_equals_eager(rank, dtype):
+    """``fullgraph=True`` fails on a graph break, and reading a value on the host (``.item()``, ``.tolist()``, a
+    data-dependent branch) is one: the traced intervention stays on the device, forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(3, 5, 200, generator=g).to(dtype)
+    k[0, 0, :3] = 0.0  # the sign of 0; fewer than the 4 replaced per row, so no tie leaves the choice to topk
+    grad = torch.randn(3, 5, 200, generator=g).to(dtype)
+    torch._dynamo.reset()
+    compiled_elevate = torch.compile(lambda kk: ops.elevate_keys(kk, 0.02, 2.0, rank), fullgraph=True, dynamic=True)
+    results = []
+    for fn in (compiled_elevate, lambda kk: ops.elevate_keys(kk, 0.02, 2.0, rank)):
+        kk = k.clone().requires_grad_(True)
+        out = fn(kk)
+        out.backward(grad)
+        results.append((out.detach(), kk.grad))
+    (out, got), (want_out, want) = results
+    assert out.dtype == got.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
 def test_a_failing_compile_falls_back_to_eager_once(compiled, monkeypatch):

@@ -30,14 +30,35 @@ BAD_VALUES = [
     ("usage_temperature", "1"),
     ("lora", 5),
     ("lora", "r=8"),
+    ("elevate_fraction", 0.0),
+    ("elevate_fraction", 1.0),
+    ("elevate_fraction", -0.01),
+    ("elevate_fraction", float("nan")),
+    ("elevate_fraction", "0.01"),
+    ("elevate_fraction", True),
+    ("elevate_scale", -1.0),
+    ("elevate_scale", float("nan")),
+    ("elevate_scale", float("inf")),
+    ("elevate_scale", "2"),
+    ("elevate_scale", None),
+    ("elevate_rank", "abs"),
+    ("elevate_rank", None),
+    ("elevate_at_inference", "yes"),
+    ("elevate_at_inference", 1),
+    ("max_entropy_weight", 0.0),
+    ("max_entropy_weight", float("inf")),
 ]
 
 
 def test_defaults():
     config = InfoSteerConfig()
     assert config.peft_type is INFOSTEER
-    assert (config.entropy_weight, config.usage, config.usage_temperature) == (100.0, "abs", 1.0)
-    assert (config.intervention, config.flatten_strength, config.lora) == ("gain", 0.2, None)
+    # the paper's method: its intervention with p = 1%, alpha = 1; the regularizer (lambda) off
+    assert (config.entropy_weight, config.usage, config.usage_temperature) == (0.0, "abs", 1.0)
+    assert (config.intervention, config.flatten_strength, config.lora) == ("elevate", 0.2, None)
+    assert (config.elevate_fraction, config.elevate_scale, config.elevate_rank) == (0.01, 1.0, "magnitude")
+    assert config.elevate_at_inference is True and not config.is_mergeable
+    assert config.max_entropy_weight == 100.0 and config.lambda_in_paper_units
     assert config.target_modules is None
     # fields PEFT and TRL read by attribute
     for name in ("modules_to_save", "trainable_token_indices", "target_parameters", "layers_to_transform"):
@@ -51,10 +72,12 @@ def test_bad_value_raises_naming_the_field(field_name, value):
 
 
 def test_error_lists_allowed_values():
-    with pytest.raises(ValueError, match=r"'none', 'gain', 'flatten'"):
+    with pytest.raises(ValueError, match=r"'elevate', 'none', 'gain', 'flatten'"):
         InfoSteerConfig(intervention="scale")
     with pytest.raises(ValueError, match=r"'abs', 'softmax'"):
         InfoSteerConfig(usage="entropy")
+    with pytest.raises(ValueError, match=r"'magnitude', 'value'"):
+        InfoSteerConfig(elevate_rank="abs")
 
 
 def test_lora_must_describe_lora():
@@ -65,8 +88,29 @@ def test_lora_must_describe_lora():
 
 
 def test_edge_values_are_accepted():
-    InfoSteerConfig(entropy_weight=0, flatten_strength=0)
-    InfoSteerConfig(entropy_weight=2, flatten_strength=1, usage="softmax", usage_temperature=1e-3)
+    InfoSteerConfig(intervention="flatten", entropy_weight=0, flatten_strength=0)
+    InfoSteerConfig(intervention="flatten", entropy_weight=2, flatten_strength=1, usage="softmax", usage_temperature=1e-3)
+    InfoSteerConfig(elevate_fraction=1e-9, elevate_scale=0, elevate_rank="value", elevate_at_inference=False)
+    InfoSteerConfig(elevate_fraction=0.999, elevate_scale=5)
+
+
+@pytest.mark.parametrize("intervention", ["none", "gain", "flatten"])
+@pytest.mark.parametrize(
+    ("field_name", "value"),
+    [("elevate_fraction", 0.02), ("elevate_scale", 2.0), ("elevate_rank", "value"), ("elevate_at_inference", False)],
+)
+def test_elevate_fields_with_another_intervention_raise_naming_the_field(intervention, field_name, value):
+    with pytest.raises(ValueError, match=rf"{field_name}.*intervention='elevate'") as info:
+        InfoSteerConfig(intervention=intervention, **{field_name: value})
+    assert str(info.value).count("\n") == 0 and repr(intervention) in str(info.value)
+    InfoSteerConfig(intervention=intervention, **{field_name: getattr(InfoSteerConfig(), field_name)})  # default: ok
+
+
+def test_mergeable_interventions():
+    assert InfoSteerConfig(intervention="gain").is_mergeable and InfoSteerConfig(intervention="none").is_mergeable
+    assert not InfoSteerConfig(intervention="flatten").is_mergeable
+    assert not InfoSteerConfig().is_mergeable
+    assert InfoSteerConfig(elevate_at_inference=False).is_mergeable
 
 
 def test_lora_round_trips_through_dict_and_json(tmp_path):
@@ -94,17 +138,28 @@ def test_lora_round_trips_through_dict_and_json(tmp_path):
 
 
 def _saved_adapter(tmp_path, tiny, **config_kwargs):
-    model = get_peft_model(tiny("llama"), InfoSteerConfig(intervention="gain", **config_kwargs))
+    config_kwargs.setdefault("intervention", "gain")
+    model = get_peft_model(tiny("llama"), InfoSteerConfig(**config_kwargs))
     model.save_pretrained(tmp_path)
     return tmp_path
 
 
 @pytest.mark.parametrize(
     ("field_name", "value"),
-    [("entropy_weight", -1), ("intervention", "boost"), ("usage", "l2"), ("flatten_strength", 2.0), ("lora", 3)],
+    [
+        ("entropy_weight", -1),
+        ("intervention", "boost"),
+        ("usage", "l2"),
+        ("flatten_strength", 2.0),
+        ("lora", 3),
+        ("elevate_fraction", 1.5),
+        ("elevate_scale", -2),
+        ("elevate_rank", "max"),
+    ],
 )
 def test_bad_value_on_disk_raises_on_load(tmp_path, tiny, field_name, value):
-    path = _saved_adapter(tmp_path, tiny)
+    intervention = "elevate" if field_name.startswith("elevate") else "gain"  # the field's own intervention
+    path = _saved_adapter(tmp_path, tiny, intervention=intervention, lora=LoraConfig(r=2, target_modules=["q_proj"]))
     data = json.loads((path / "adapter_config.json").read_text())
     data[field_name] = value
     (path / "adapter_config.json").write_text(json.dumps(data))

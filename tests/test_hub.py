@@ -147,7 +147,21 @@ def test_flatten_settings_are_listed(tiny, tmp_path):
     model.base_model.peft_config["default"].flatten_strength = 0.3
     model.save_pretrained(tmp_path / "out")
     text = (tmp_path / "out" / "README.md").read_text()
-    assert "| `flatten_strength` | 0.3 |" in text and "| `mergeable` | no" in text
+    assert "| `flatten_strength` | 0.3 |" in text and "| `mergeable` | no (`flatten`" in text
+
+
+@pytest.mark.parametrize("at_inference", [True, False])
+def test_elevate_settings_are_listed(tiny, tmp_path, at_inference):
+    lora = LoraConfig(r=2, target_modules=["q_proj"])
+    config = InfoSteerConfig(elevate_fraction=0.02, elevate_scale=2.0, elevate_at_inference=at_inference, lora=lora)
+    model = get_peft_model(tiny("llama"), config)
+    model.save_pretrained(tmp_path / "out")
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "| `intervention` | elevate |" in text and "| `elevate_fraction` | 0.02 |" in text
+    assert "| `elevate_scale` | 2.0 |" in text and "| `elevate_rank` | magnitude |" in text
+    assert f"| `elevate_at_inference` | {at_inference} |" in text
+    assert ("| `mergeable` | yes |" in text) is not at_inference
+    assert ("`elevate_at_inference` is true" in text) is at_inference
 
 
 def test_other_adapter_types_are_untouched(tiny, tmp_path, hub):

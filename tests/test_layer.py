@@ -38,7 +38,7 @@ def test_identity_at_init_and_disable_adapter(tiny):
     base = tiny("llama")
     with torch.no_grad():
         reference = base(IDS).logits
-    model = get_peft_model(tiny("llama"), InfoSteerConfig())
+    model = get_peft_model(tiny("llama"), InfoSteerConfig(intervention="gain"))
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, reference)
         for layer in steering_layers(model):
@@ -92,7 +92,7 @@ def test_in_and_out_features_of_the_wrapped_projection(tiny, model_type):
 
 
 def test_gains_stay_float32_when_something_casts_them(tiny):
-    model = get_peft_model(tiny("llama"), InfoSteerConfig()).train()
+    model = get_peft_model(tiny("llama"), InfoSteerConfig(intervention="gain")).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for _, param in model.named_parameters():
         if param.requires_grad:
@@ -110,14 +110,14 @@ def test_low_precision_identity_at_init(tiny, dtype):
     base = tiny("llama").to(dtype)
     with torch.no_grad():
         reference = base(input_ids=IDS).logits
-    config = InfoSteerConfig(lora=LoraConfig(r=2, target_modules=["down_proj"]))
+    config = InfoSteerConfig(intervention="gain", lora=LoraConfig(r=2, target_modules=["down_proj"]))
     model = get_peft_model(tiny("llama").to(dtype), config)
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, reference)
 
 
 def test_safe_merge_reports_nan_like_peft(tiny):
-    model = get_peft_model(tiny("llama"), InfoSteerConfig())
+    model = get_peft_model(tiny("llama"), InfoSteerConfig(intervention="gain"))
     with torch.no_grad():
         steering_layers(model)[0].infosteer_gain["default"][0] = float("nan")
     message = "NaNs detected in the merged weights. The adapter default seems to be broken"  # PEFT's own words

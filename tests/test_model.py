@@ -306,7 +306,7 @@ def test_merging_on_a_4bit_base_raises(tiny, tmp_path):
 
 
 def test_deleting_a_merged_adapter_is_refused_like_peft(tiny):
-    model = get_peft_model(tiny("llama"), InfoSteerConfig(init_weights=False))
+    model = get_peft_model(tiny("llama"), InfoSteerConfig(intervention="gain", init_weights=False))
     with torch.no_grad():
         base = model.get_base_model()
         reference = _logits(tiny("llama"))
@@ -346,7 +346,7 @@ def test_mixed_adapter_batches_are_refused(tiny):
 
 @pytest.mark.parametrize("autocast", [True, False])
 def test_autocast_adapter_dtype_applies_to_gains_and_lora(tiny, autocast):
-    config = InfoSteerConfig(lora=LoraConfig(r=2, target_modules=["down_proj"]))
+    config = InfoSteerConfig(intervention="gain", lora=LoraConfig(r=2, target_modules=["down_proj"]))
     base = tiny("llama").to(torch.bfloat16)
     if autocast:
         model = get_peft_model(base, config, autocast_adapter_dtype=True)
@@ -358,9 +358,12 @@ def test_autocast_adapter_dtype_applies_to_gains_and_lora(tiny, autocast):
 
 
 def test_every_intervention_is_accepted_with_or_without_lora(tiny):
-    model = get_peft_model(tiny("llama"), InfoSteerConfig())  # all defaults: a trainable gain
+    with pytest.warns(UserWarning, match="nothing to train"):  # all defaults: the paper's elevate, no weights
+        model = get_peft_model(tiny("llama"), InfoSteerConfig())
+    assert not any(p.requires_grad for p in model.parameters())
+    model = get_peft_model(tiny("llama"), InfoSteerConfig(intervention="gain"))  # a trainable gain per coefficient
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 64
-    for intervention in ("none", "gain", "flatten"):
+    for intervention in ("elevate", "none", "gain", "flatten"):
         get_peft_model(tiny("llama"), InfoSteerConfig(intervention=intervention, lora=LoraConfig(r=2)))
         if intervention != "gain":
             with pytest.warns(UserWarning, match="nothing to train"):

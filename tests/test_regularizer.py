@@ -1,6 +1,7 @@
-"""The regularizer as an in-graph gradient (``peft_infosteer.regularizer``): it equals the gradient of
-``L_task - lambda * mean F`` (plain autograd), follows whatever the caller does to the loss, keeps the reported loss
-the task loss, survives both kinds of gradient checkpointing, and costs nothing in forwards no backward follows."""
+"""The regularizer as an in-graph gradient (``peft_infosteer.regularizer``): it equals the gradient of the paper's
+``L_task - lambda * sum_l mean_t H_l`` (plain autograd), follows whatever the caller does to the loss, keeps the
+reported loss the task loss, survives both kinds of gradient checkpointing, and costs nothing in forwards no backward
+follows."""
 
 from __future__ import annotations
 
@@ -8,12 +9,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
-from reference import build, counted_tokens, forward_with_plain_flux, relative_error, steering_layers, trainable_grads
+from reference import (
+    build,
+    counted_tokens,
+    forward_with_plain_entropy,
+    forward_with_plain_flux,
+    relative_error,
+    steering_layers,
+    trainable_grads,
+)
 
 import peft_infosteer
 from peft_infosteer.regularizer import FluxTracker, token_mask
 
-LAMBDA = 40.0
+# the paper's lambda; about 37 in the units before 0.2.0 on these 3 layers of d_ff 64 (40 was used then): large enough
+# that the regularizer visibly changes the gradient of a tiny random model
+LAMBDA = 3.0
 torch.manual_seed(0)
 IDS = torch.randint(3, 128, (2, 9))
 LABELS = IDS.clone()
@@ -24,8 +35,8 @@ BATCH = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": LAB
 
 def _reference_grads(batch: dict = BATCH, scale: float = 1.0) -> dict[str, torch.Tensor]:
     model = build(0.0)
-    out, mean_flux = forward_with_plain_flux(model, batch)
-    (scale * (out.loss - LAMBDA * mean_flux)).backward()
+    out, entropy = forward_with_plain_entropy(model, batch)
+    (scale * (out.loss - LAMBDA * entropy)).backward()
     return trainable_grads(model)
 
 
@@ -68,8 +79,8 @@ def test_manual_gradient_accumulation_follows_the_loss():
     reference = build(0.0)
     for i in range(2):
         micro = {k: v[i : i + 1] for k, v in BATCH.items()}
-        out, mean_flux = forward_with_plain_flux(reference, micro)
-        ((out.loss - LAMBDA * mean_flux) / 2).backward()
+        out, entropy = forward_with_plain_entropy(reference, micro)
+        ((out.loss - LAMBDA * entropy) / 2).backward()
     assert relative_error(trainable_grads(model), trainable_grads(reference)) < 1e-6
 
 
@@ -90,9 +101,9 @@ def test_loss_computed_outside_the_model_gets_the_per_forward_mean():
     F.cross_entropy(logits[:, :-1].flatten(0, 1), LABELS[:, 1:].flatten(), ignore_index=-100).backward()
     # without labels the forward counts the attention mask, with weight lambda per forward
     reference = build(0.0)
-    out, mean_flux = forward_with_plain_flux(reference, inputs)
+    out, entropy = forward_with_plain_entropy(reference, inputs)
     loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), LABELS[:, 1:].flatten(), ignore_index=-100)
-    (loss - LAMBDA * mean_flux).backward()
+    (loss - LAMBDA * entropy).backward()
     assert relative_error(trainable_grads(model), trainable_grads(reference)) < 1e-6
 
 
@@ -110,10 +121,10 @@ def test_trl_fused_log_probs_are_normalised_like_the_sum_loss():
     out = model(**BATCH, fused_lm_head=True)
     (-out.log_probs.sum() / items * 3.0).backward()  # 3: e.g. the number of processes
     reference = fused(0.0)
-    out, mean_flux = forward_with_plain_flux(reference, {**BATCH, "fused_lm_head": True})
+    out, entropy = forward_with_plain_entropy(reference, {**BATCH, "fused_lm_head": True})
     count = counted_tokens(BATCH).sum()
     # the regularizer's mean over this forward's tokens, weighted like the loss weighs them: count / items of it
-    (3.0 * (-out.log_probs.sum() / items - LAMBDA * mean_flux * count / items)).backward()
+    (3.0 * (-out.log_probs.sum() / items - LAMBDA * entropy * count / items)).backward()
     assert relative_error(trainable_grads(model), trainable_grads(reference)) < 1e-6
 
 
@@ -230,14 +241,25 @@ def test_reentrant_checkpointing_with_two_forwards_before_backward_warns():
 
 
 def test_layer_count_follows_the_active_layers():
-    # steering only two of three layers: the mean is over those two
+    # steering only two of three layers: the sum is over those two
     model = build(LAMBDA, layers_to_transform=[0, 2], lora=LoraConfig(r=2, target_modules=["up_proj"]))
     model(**BATCH).loss.backward()
     reference = build(0.0, layers_to_transform=[0, 2], lora=LoraConfig(r=2, target_modules=["up_proj"]))
-    out, mean_flux = forward_with_plain_flux(reference, BATCH)
-    (out.loss - LAMBDA * mean_flux).backward()
+    out, entropy = forward_with_plain_entropy(reference, BATCH)
+    (out.loss - LAMBDA * entropy).backward()
     assert len(steering_layers(model)) == 2
     assert relative_error(trainable_grads(model), trainable_grads(reference)) < 1e-6
+
+
+@pytest.mark.parametrize("layers", [None, [0, 2]], ids=["all-layers", "two-of-three"])
+def test_infosteer_loss_is_minus_lambda_times_the_summed_entropy(layers):
+    """The logged value is the paper's term: ``-lambda * sum over steered layers of mean_t H`` (nats)."""
+    model = build(LAMBDA, layers_to_transform=layers)
+    model(**BATCH)
+    _, entropy = forward_with_plain_entropy(build(0.0, layers_to_transform=layers), BATCH)
+    entropy = entropy.detach()
+    assert float(entropy) > 1.0  # nats over two or three layers of d_ff 64: not the normalised flux
+    assert float(peft_infosteer.infosteer_loss(model)) == pytest.approx(-LAMBDA * float(entropy), rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -20,8 +20,11 @@ torch.manual_seed(0)
 IDS = torch.randint(3, 128, (4, 10))
 
 
+START = 0.01  # lambda in the paper's units (the defaults of entropy_weight's paper setting and max_entropy_weight)
+
+
 def _target(**kwargs) -> FluxTarget:
-    settings = dict(rise=0.01, absolute=None, start_weight=100.0, rate=0.2, max_weight=1e4) | kwargs
+    settings = dict(rise=0.01, absolute=None, start_weight=START, rate=0.2, max_weight=100.0) | kwargs
     return FluxTarget(FluxTracker(), **settings)
 
 
@@ -34,10 +37,10 @@ def test_the_dual_step_follows_the_gap_with_a_bounded_multiplicative_step():
     _feed(target, 0.80)
     target.step()  # the first step measures the start: target = 0.81, gap = +0.01 -> the full step up
     assert target.flux_start == pytest.approx(0.80) and target.target == pytest.approx(0.81)
-    assert target.weight == pytest.approx(100 * math.exp(0.2))
+    assert target.weight == pytest.approx(START * math.exp(0.2))
     _feed(target, 0.805)
     target.step()  # half the gap scale below the target: half the step
-    assert target.weight == pytest.approx(100 * math.exp(0.2) * math.exp(0.2 * 0.005 / FLUX_GAP_SCALE))
+    assert target.weight == pytest.approx(START * math.exp(0.2) * math.exp(0.2 * 0.005 / FLUX_GAP_SCALE))
     before = target.weight
     _feed(target, 0.95)
     target.step()  # far above: the step is bounded by exp(-rate)
@@ -57,12 +60,12 @@ def test_the_window_sums_every_forward_of_the_step_and_empty_steps_change_nothin
 
 
 def test_an_unreachable_target_stops_at_the_cap_and_warns_once():
-    target = _target(absolute=0.99, rise=None, max_weight=150.0)
-    with pytest.warns(UserWarning, match="out of reach.*max_entropy_weight=150"):
+    target = _target(absolute=0.99, rise=None, max_weight=0.015)
+    with pytest.warns(UserWarning, match="out of reach.*max_entropy_weight=0.015"):
         for _ in range(5):
             _feed(target, 0.8)
             target.step()
-    assert target.weight == 150.0
+    assert target.weight == 0.015
 
 
 def test_state_round_trip():
@@ -85,17 +88,19 @@ def test_config_fields_are_validated():
         InfoSteerConfig(flux_target=1.5)
     with pytest.raises(ValueError, match="where lambda starts"):
         InfoSteerConfig(flux_target_rise=0.01, entropy_weight=0.0)
-    assert InfoSteerConfig(flux_target_rise=0.01).has_flux_target and not InfoSteerConfig().has_flux_target
+    assert InfoSteerConfig(flux_target_rise=0.01, entropy_weight=0.01).has_flux_target
+    assert not InfoSteerConfig().has_flux_target
 
 
 def _model(**config):
     torch.manual_seed(0)
     lora = LoraConfig(r=2, target_modules="all-linear")
+    config.setdefault("intervention", "gain")
     return get_peft_model(tiny_model("llama"), InfoSteerConfig(lora=lora, **config)).train()
 
 
 def test_any_torch_optimizer_steps_lambda_once_per_step_over_the_accumulation_window():
-    model = _model(flux_target_rise=0.01, entropy_weight=10.0)
+    model = _model(flux_target_rise=0.01, entropy_weight=1.0)
     target = peft_infosteer.find_infosteer_model(model).flux_target
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     weights = []
@@ -113,7 +118,7 @@ def test_any_torch_optimizer_steps_lambda_once_per_step_over_the_accumulation_wi
 
 
 def test_a_loop_without_a_torch_optimizer_makes_the_one_documented_call():
-    model = _model(flux_target_rise=0.01)
+    model = _model(flux_target_rise=0.01, entropy_weight=1.0)
     target = peft_infosteer.find_infosteer_model(model).flux_target
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(2):
@@ -123,7 +128,7 @@ def test_a_loop_without_a_torch_optimizer_makes_the_one_documented_call():
                 p -= 0.1 * p.grad
                 p.grad = None
         peft_infosteer.step_flux_target(model)
-    assert target.steps == 2 and target.weight != 100.0
+    assert target.steps == 2 and target.weight != 1.0
 
 
 def test_a_fixed_lambda_is_not_driven():
@@ -156,8 +161,12 @@ def _dataset(n: int = 16):
 
 
 def _config():
+    # lambda starts at 1.0 (about 10 in the units before 0.2.0 on these 2 layers of d_ff 64)
     return InfoSteerConfig(
-        flux_target_rise=0.01, entropy_weight=10.0, lora=LoraConfig(r=4, target_modules="all-linear")
+        flux_target_rise=0.01,
+        entropy_weight=1.0,
+        intervention="gain",
+        lora=LoraConfig(r=4, target_modules="all-linear"),
     )
 
 
@@ -171,7 +180,7 @@ def test_trainers_follow_the_target(tmp_path, cls):
     )  # fmt: skip
     trainer.train()
     target = peft_infosteer.find_infosteer_model(trainer.model).flux_target
-    assert target.steps == 4 and target.weight != 10.0 and target.flux_start is not None
+    assert target.steps == 4 and target.weight != 1.0 and target.flux_start is not None
     if cls is InfoSteerSFTTrainer:
         logs = [h for h in trainer.state.log_history if "infosteer/lambda" in h]
         assert len(logs) == 4 and logs[-1]["infosteer/lambda"] == pytest.approx(target.weight)

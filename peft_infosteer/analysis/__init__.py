@@ -17,7 +17,7 @@ from .hooks import find_key_modules, read_keys
 from .html import flux_html
 from .inputs import EncodedText, encode_examples, read_examples
 from .measure import measure_flux, surprisal_from_logits
-from .memory import Memory, MemoryReadout, memory_readout, memory_vectors
+from .memory import Memory, MemoryReadout, MemorySpecificity, memory_readout, memory_specificity, memory_vectors
 from .plots import (
     plot_class_differences,
     plot_class_flux,
@@ -46,6 +46,7 @@ __all__ = [
     "FluxReport",
     "Memory",
     "MemoryReadout",
+    "MemorySpecificity",
     "TextFlux",
     "add_surprisal_residuals",
     "bootstrap_mean",
@@ -59,6 +60,7 @@ __all__ = [
     "load_reports",
     "measure_flux",
     "memory_readout",
+    "memory_specificity",
     "memory_vectors",
     "plot_class_differences",
     "plot_class_flux",

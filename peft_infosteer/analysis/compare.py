@@ -97,7 +97,11 @@ class FluxComparison:
     - ``differences``: per class, ``model - reference`` paired by token, with bootstrap CI.
     - ``correlations``: Pearson/Spearman of flux with surprisal per model, and the fitted line.
     - ``residual_summary`` / ``residual_differences``: the same after regressing out surprisal.
-    - ``layers``: mean flux per model and layer.
+    - ``layers``: mean flux per model and layer; with the specificity measured, also ``mean_specificity`` (the
+      usage-weighted memory specificity, nats) and ``memory_entropy`` (the unweighted mean ``H(P_i)`` of the layer).
+    - ``specificity_summary`` / ``specificity_differences`` / ``specificity_residual_differences``: the class means,
+      paired differences, and paired differences after regressing out surprisal, of the usage-weighted memory
+      specificity (``None`` unless every report was measured with ``specificity=True``).
     """
 
     reports: list[FluxReport]
@@ -110,6 +114,9 @@ class FluxComparison:
     residual_differences: pd.DataFrame
     layers: pd.DataFrame
     settings: dict
+    specificity_summary: pd.DataFrame | None = None
+    specificity_differences: pd.DataFrame | None = None
+    specificity_residual_differences: pd.DataFrame | None = None
 
     def to_markdown(self) -> str:
         """The report as Markdown: settings, then each table."""
@@ -150,6 +157,25 @@ class FluxComparison:
                 "",
                 _markdown_table(self.residual_differences),
             ]
+        if self.specificity_summary is not None:
+            lines += [
+                "",
+                "## Usage-weighted memory specificity per token class",
+                "",
+                "sum_i p_i H(P_i) in nats, P_i = softmax(v_i W_U) of memory v_i, p the key usage; lower = the keys "
+                "lean on more specific memories.",
+                "",
+                _markdown_table(self.specificity_summary),
+            ]
+        for title, table in (
+            (f"Specificity difference to {self.reference} (paired by token)", self.specificity_differences),
+            (
+                f"Specificity difference to {self.reference} after regressing out surprisal (paired by token)",
+                self.specificity_residual_differences,
+            ),
+        ):
+            if table is not None and len(table):
+                lines += ["", f"## {title}", "", _markdown_table(table)]
         return "\n".join(lines) + "\n"
 
     def save_tables(self, out_dir: str | os.PathLike) -> list[Path]:
@@ -157,9 +183,13 @@ class FluxComparison:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = []
-        for name in ("summary", "differences", "correlations", "residual_summary", "residual_differences", "layers"):
+        for name in ("summary", "differences", "correlations", "residual_summary", "residual_differences", "layers",
+                     "specificity_summary", "specificity_differences", "specificity_residual_differences"):  # fmt: skip
+            table = getattr(self, name)
+            if table is None:
+                continue
             path = out / f"{name}.csv"
-            getattr(self, name).to_csv(path, index=False)
+            table.to_csv(path, index=False)
             written.append(path)
         md = out / "summary.md"
         md.write_text(self.to_markdown(), encoding="utf-8")
@@ -213,14 +243,30 @@ def compare_reports(
     residual_differences = class_differences(
         tokens, reference, "flux_residual", n_boot=n_boot, confidence=confidence, seed=seed
     )
+    with_specificity = all(r.has_specificity for r in reports)
     layer_rows = []
     for r in reports:
         start = 1 if drop_first else 0
-        stacked = np.concatenate([t.flux[start:] for t in r.texts], axis=0)
-        with np.errstate(all="ignore"):
-            means = np.nanmean(stacked, axis=0) if stacked.size else np.full(r.num_layers, np.nan)
+        means = _layer_means([t.flux[start:] for t in r.texts], r.num_layers)
+        spec = _layer_means([t.specificity[start:] for t in r.texts if t.specificity is not None], r.num_layers)
         for i, name in enumerate(r.layer_names):
-            layer_rows.append(dict(model=r.model, layer=i, layer_name=name, mean_flux=float(means[i])))
+            row = dict(model=r.model, layer=i, layer_name=name, mean_flux=float(means[i]))
+            if with_specificity:
+                row["mean_specificity"] = float(spec[i])
+                row["memory_entropy"] = float(r.memory_entropy[i]) if r.memory_entropy else np.nan
+            layer_rows.append(row)
+    spec_tables: dict[str, pd.DataFrame] = {}
+    if with_specificity:
+        tokens = add_surprisal_residuals(tokens, degree=degree, value="specificity")
+        spec_tables["specificity_summary"] = class_summary(
+            tokens, "specificity", unit=unit, n_boot=n_boot, confidence=confidence, seed=seed
+        ).rename(columns={"mean": "mean_specificity"})
+        spec_tables["specificity_differences"] = class_differences(
+            tokens, reference, "specificity", n_boot=n_boot, confidence=confidence, seed=seed
+        )
+        spec_tables["specificity_residual_differences"] = class_differences(
+            tokens, reference, "specificity_residual", n_boot=n_boot, confidence=confidence, seed=seed
+        )
     layer_desc = "all layers" if layers is None else f"layers {list(layers)}"
     return FluxComparison(
         reports=reports,
@@ -241,7 +287,20 @@ def compare_reports(
             confidence=confidence,
             seed=seed,
         ),
+        specificity_summary=spec_tables.get("specificity_summary"),
+        specificity_differences=spec_tables.get("specificity_differences"),
+        specificity_residual_differences=spec_tables.get("specificity_residual_differences"),
     )
+
+
+def _layer_means(arrays: Sequence[np.ndarray], num_layers: int) -> np.ndarray:
+    """Mean over the rows of all ``(T, L)`` arrays per layer, NaNs skipped (NaN for a layer without values)."""
+    stacked = np.concatenate(list(arrays), axis=0) if arrays else np.empty((0, num_layers))
+    with np.errstate(all="ignore"):
+        if not stacked.size:
+            return np.full(num_layers, np.nan)
+        counts = np.isfinite(stacked).sum(axis=0)
+        return np.where(counts > 0, np.nansum(stacked, axis=0) / np.maximum(counts, 1), np.nan)
 
 
 def _format(value: object) -> str:

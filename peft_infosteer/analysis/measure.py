@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..ops import USAGE_MODES, fused_information_flux
+from ..ops import USAGE_MODES, fused_information_flux, usage_distribution
 from .hooks import find_key_modules, merged_gain_warning, model_unchanged, read_keys
 from .inputs import EncodedText, Example, encode_examples
 from .report import FluxReport, TextFlux
@@ -83,6 +83,7 @@ def measure_flux(
     usage_temperature: float = 1.0,
     target_modules: str | Sequence[str] | None = None,
     progress: bool = False,
+    specificity: bool = False,
 ) -> FluxReport:
     """Run ``examples`` through ``model`` and record, for every token and FFN layer, the information flux.
 
@@ -92,6 +93,12 @@ def measure_flux(
     mode. The flux is ``H(p) / log d_ff`` of the key vector that reaches each FFN output projection, computed with
     :func:`peft_infosteer.ops.fused_information_flux` in float32 with the given ``usage`` mode; each token's surprisal
     under the model is recorded too, in nats.
+
+    With ``specificity=True`` each token and layer also gets the usage-weighted memory specificity
+    ``sum_i p_i H(P_i)`` in nats (``TextFlux.specificity``; ``p`` the same usage distribution as the flux, ``H(P_i)``
+    from :func:`~peft_infosteer.analysis.memory_specificity`, computed once per call), and the report gets each
+    layer's unweighted mean ``H(P_i)`` (``FluxReport.memory_entropy``). It costs one pass of every memory vector
+    through the unembedding.
 
     >>> import peft_infosteer
     >>> from peft_infosteer.analysis import measure_flux
@@ -110,6 +117,13 @@ def measure_flux(
     name = model_name or _default_name(model)
     device = _input_device(model)
     pad_id = _pad_id(tokenizer)
+    entropy: list[torch.Tensor] | None = None
+    memory_entropy: list[float] | None = None
+    if specificity:
+        from .memory import memory_specificity  # memory.py imports this module
+
+        spec = memory_specificity(model, target_modules=target_modules)
+        entropy, memory_entropy = spec.entropy, spec.layer_means()
 
     # longest first, so that batches hold texts of similar length (less padding); results go back in input order
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].token_ids))
@@ -119,11 +133,13 @@ def measure_flux(
         with model_unchanged(model):
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
-                flux, surprisal = _run_batch(
-                    model, [encoded[i] for i in batch], modules, device, pad_id, usage, usage_temperature
+                flux, surprisal, spec_rows = _run_batch(
+                    model, [encoded[i] for i in batch], modules, device, pad_id, usage, usage_temperature, entropy
                 )
                 for row, index in enumerate(batch):
-                    results[index] = _text_flux(tokenizer, index, encoded[index], flux[row], surprisal[row])
+                    results[index] = _text_flux(
+                        tokenizer, index, encoded[index], flux[row], surprisal[row], spec_rows[row]
+                    )
                 if bar is not None:
                     bar.update(len(batch))
     finally:
@@ -136,6 +152,7 @@ def measure_flux(
         usage=usage,
         usage_temperature=float(usage_temperature),
         surprisal_unit="nats",
+        memory_entropy=memory_entropy,
     )
 
 
@@ -155,8 +172,10 @@ def _run_batch(
     pad_id: int,
     usage: str,
     temperature: float,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Flux ``(T_i, L)`` and surprisal ``(T_i,)`` arrays for each text of one right-padded batch."""
+    entropy: Sequence[torch.Tensor] | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]]:
+    """Flux ``(T_i, L)``, surprisal ``(T_i,)`` and (with ``entropy``, the ``H(P_i)`` of each layer) usage-weighted
+    specificity ``(T_i, L)`` arrays for each text of one right-padded batch."""
     lengths = [len(e.token_ids) for e in batch]
     width = max(lengths)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -167,6 +186,7 @@ def _run_batch(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
     per_layer: dict[int, torch.Tensor] = {}
+    per_layer_spec: dict[int, torch.Tensor] = {}
 
     def on_keys(layer: int, k: torch.Tensor) -> None:
         if layer in per_layer:
@@ -177,6 +197,12 @@ def _run_batch(
             k = k.reshape(*input_ids.shape, k.shape[-1])
         flux, valid = fused_information_flux(k, usage, temperature)
         per_layer[layer] = torch.where(valid, flux, torch.full_like(flux, math.nan)).cpu()
+        if entropy is not None:
+            h = entropy[layer].to(k.device)
+            if h.shape[0] != k.shape[-1]:
+                raise RuntimeError(f"{modules[layer][0]}: {k.shape[-1]} key coefficients but {h.shape[0]} memories")
+            weighted = usage_distribution(k, usage, temperature) @ h
+            per_layer_spec[layer] = torch.where(valid, weighted, torch.full_like(weighted, math.nan)).cpu()
 
     with read_keys(modules, on_keys):
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -186,14 +212,23 @@ def _run_batch(
         raise RuntimeError(f"these FFN output projections did not run: {missing[:3]}{more}")
     stacked = torch.stack([per_layer[i] for i in range(len(modules))], dim=-1)  # (B, T, L)
     logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    flux_rows, surprisal_rows = [], []
+    spec = torch.stack([per_layer_spec[i] for i in range(len(modules))], dim=-1) if entropy is not None else None
+    flux_rows, surprisal_rows, spec_rows = [], [], []
     for row, n in enumerate(lengths):
         flux_rows.append(stacked[row, :n].numpy())
         surprisal_rows.append(surprisal_from_logits(logits[row, :n], input_ids[row, :n]).cpu().numpy())
-    return flux_rows, surprisal_rows
+        spec_rows.append(None if spec is None else spec[row, :n].numpy())
+    return flux_rows, surprisal_rows, spec_rows
 
 
-def _text_flux(tokenizer: Any, text_id: int, e: EncodedText, flux: np.ndarray, surprisal: np.ndarray) -> TextFlux:
+def _text_flux(
+    tokenizer: Any,
+    text_id: int,
+    e: EncodedText,
+    flux: np.ndarray,
+    surprisal: np.ndarray,
+    specificity: np.ndarray | None = None,
+) -> TextFlux:
     tokens = token_strings(tokenizer, e.token_ids)
     return TextFlux(
         text_id=text_id,
@@ -203,4 +238,5 @@ def _text_flux(tokenizer: Any, text_id: int, e: EncodedText, flux: np.ndarray, s
         token_classes=classify_tokens(tokens, e.special),
         flux=flux,
         surprisal=surprisal,
+        specificity=specificity,
     )

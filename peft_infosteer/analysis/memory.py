@@ -11,10 +11,19 @@ logit-lens variant; the norm's rescaling does not change the ranking, its learne
 With a LoRA stacked on the projection (a LoRA or InfoSteer+LoRA ``PeftModel``) the memories are the columns of the
 effective weight ``W + scale * B A`` of the active adapters; an InfoSteer gain acts on ``k`` and is already in the
 keys read by the hook.
+
+Memory specificity (the paper's analysis): ``phi_i = v_i W_U`` (``W_U`` the unembedding), ``P_i = softmax(phi_i)``,
+and ``H(P_i)`` in nats; a low entropy marks a *specific* memory (it promotes a few tokens), a high one a *general*
+memory (``log |V|`` for a zero vector). :func:`memory_specificity` computes it for every memory, in chunks of memory
+vectors, so that only ``chunk_size x |V|`` logits exist at a time. The memories are the vectors that the keys read
+by the hook multiply, as in the readout: the effective weight with unmerged LoRA deltas, while an InfoSteer
+intervention (gain, elevate, flatten) acts on the keys and so enters through the usage, not through ``v_i``. A
+*merged* gain is in the weight instead (and then not in the keys): either way ``sum_i k_i v_i`` is the FFN output.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,7 +41,10 @@ from .tokens import token_strings
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Memory", "MemoryReadout", "memory_readout", "memory_vectors"]
+__all__ = ["Memory", "MemoryReadout", "MemorySpecificity", "memory_readout", "memory_specificity", "memory_vectors"]
+
+# logits of memory vectors through the unembedding are taken in row chunks of about this many float32 elements
+_SPECIFICITY_CHUNK = 1 << 24
 
 
 @dataclass
@@ -196,3 +208,116 @@ def memory_readout(
     ]
     token = token_strings(tokenizer, [encoded.token_ids[position]])[0]
     return MemoryReadout(layer=layer, layer_name=name, position=position, token=token, memories=memories)
+
+
+@dataclass
+class MemorySpecificity:
+    """``H(P_i)`` in nats of every memory of some FFN layers (see :func:`memory_specificity`).
+
+    ``entropy[j]`` is a float32 CPU tensor of ``d_ff`` values for layer ``layers[j]`` (named ``layer_names[j]``); each
+    value is in ``[0, log vocab_size]``.
+    """
+
+    layers: list[int]
+    layer_names: list[str]
+    entropy: list[torch.Tensor]
+    vocab_size: int
+    use_final_norm: bool = False
+
+    @property
+    def max_entropy(self) -> float:
+        """``log vocab_size``: the entropy of a uniform ``P_i`` (a zero memory vector)."""
+        return math.log(self.vocab_size)
+
+    def layer_means(self) -> list[float]:
+        """Mean ``H(P_i)`` over the memories of each layer (what a uniform key usage would weight them to)."""
+        return [float(h.double().mean()) for h in self.entropy]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per memory: ``layer, layer_name, memory, entropy`` (nats)."""
+        import numpy as np
+        import pandas as pd
+
+        frames = [
+            pd.DataFrame({"layer": layer, "layer_name": name, "memory": np.arange(h.numel()), "entropy": h.numpy()})
+            for layer, name, h in zip(self.layers, self.layer_names, self.entropy)
+        ]
+        return pd.concat(frames, ignore_index=True)
+
+
+def _unembedding(model: nn.Module) -> torch.Tensor:
+    get_output: Any = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(
+            f"{type(_inner_model(model)).__name__} has no output embedding (LM head) weight; memory specificity "
+            "needs a causal LM (e.g. AutoModelForCausalLM)"
+        )
+    return _dequantized(head).float()
+
+
+def _row_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of ``softmax`` over the last dimension of float32 ``logits``, per row."""
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    p = torch.exp(logits - lse)
+    return lse.squeeze(-1) - (p * logits).sum(dim=-1)
+
+
+def memory_specificity(
+    model: nn.Module,
+    layers: Sequence[int] | None = None,
+    *,
+    chunk_size: int | None = None,
+    use_final_norm: bool = False,
+    target_modules: str | Sequence[str] | None = None,
+) -> MemorySpecificity:
+    """``H(softmax(v_i W_U))`` in nats for every memory vector ``v_i`` of the FFN layers ``layers`` (all by default).
+
+    ``W_U`` is the LM head weight (a bias, if any, is left out, as in the paper's ``phi_i = v_i W_U``). The memories are
+    those of :func:`memory_vectors` (effective weight with active, unmerged LoRA deltas; see the module docstring for
+    InfoSteer). ``chunk_size`` memory vectors are projected at a time (default: about 16M logits per chunk), in
+    float32 on the LM head's device; one layer's vectors and one chunk's logits are all that is held. With
+    ``use_final_norm=True`` each vector goes through the model's final norm first (a logit-lens variant; the norm
+    rescales ``v_i``, which changes the softmax temperature and so the entropy). Runs under ``torch.no_grad``.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=50))
+    >>> spec = memory_specificity(model, chunk_size=8)
+    >>> [tuple(h.shape) for h in spec.entropy], spec.max_entropy == math.log(50)
+    ([(32,), (32,)], True)
+    >>> bool(all(((h > 0) & (h <= spec.max_entropy + 1e-5)).all() for h in spec.entropy))
+    True
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    modules = find_key_modules(model, target_modules)
+    chosen = list(range(len(modules))) if layers is None else [int(i) for i in layers]
+    bad = [i for i in chosen if not 0 <= i < len(modules)]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {len(modules)} FFN layers")
+    named = dict(_inner_model(model).named_modules())
+    entropies = []
+    with torch.no_grad():
+        unembedding = _unembedding(model)
+        vocab = unembedding.shape[0]
+        step = chunk_size or max(1, _SPECIFICITY_CHUNK // max(vocab, 1))
+        final_norm = _final_norm(model) if use_final_norm else None
+        for index in chosen:
+            vectors = memory_vectors(named[modules[index][0]])
+            out = torch.empty(vectors.shape[0], dtype=torch.float32)
+            for start in range(0, vectors.shape[0], step):
+                chunk = vectors[start : start + step].to(unembedding.device)
+                if final_norm is not None:
+                    weight = next(final_norm.parameters(), None)
+                    chunk = final_norm(chunk if weight is None else chunk.to(weight.dtype)).float()
+                out[start : start + chunk.shape[0]] = _row_entropy(chunk @ unembedding.t()).cpu()
+            entropies.append(out)
+    return MemorySpecificity(
+        layers=chosen,
+        layer_names=[modules[i][0] for i in chosen],
+        entropy=entropies,
+        vocab_size=int(vocab),
+        use_final_norm=use_final_norm,
+    )

@@ -184,12 +184,14 @@ def plot_class_differences(
     *,
     title: str | None = None,
     min_tokens: int = 5,
+    value: str = "flux",
     path: str | os.PathLike | None = None,
     formats: Sequence[str] = _FORMATS,
 ) -> Figure:
     """Per-class flux difference to the reference model (paired by token) with bootstrap intervals.
 
-    Classes with fewer than ``min_tokens`` tokens are left out, as in :func:`plot_class_flux`.
+    Classes with fewer than ``min_tokens`` tokens are left out, as in :func:`plot_class_flux`. ``value`` names the
+    quantity in the axis label (e.g. ``"specificity (nats)"`` for :attr:`FluxComparison.specificity_differences`).
 
     >>> # plot_class_differences(comparison.differences, path="out/differences")
     """
@@ -216,9 +218,11 @@ def plot_class_differences(
     ax.axhline(0.0, color="0.5", lw=0.8, ls="--")
     ax.set_xticks(range(len(classes)), classes, fontsize=8)
     ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(_text(f"flux − flux({reference})  (paired by token)"), fontsize=8)
+    ax.set_ylabel(_text(f"{value} − {value}({reference})  (paired by token)"), fontsize=8)
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_title(_text(title or f"Flux difference to {reference} per token class"), fontsize=10)
+    ax.set_title(
+        _text(title or f"{value[:1].upper()}{value[1:]} difference to {reference} per token class"), fontsize=10
+    )
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="model", fontsize=8, title_fontsize=8, loc="best")
     return _maybe_save(fig, path, formats)
@@ -274,24 +278,30 @@ def plot_flux_vs_surprisal(
 def plot_layer_profile(
     layers: pd.DataFrame,
     *,
+    value: str = "mean_flux",
     path: str | os.PathLike | None = None,
     formats: Sequence[str] = _FORMATS,
 ) -> Figure:
     """Mean flux per layer, one line per model (takes :attr:`FluxComparison.layers`).
 
+    ``value="mean_specificity"`` plots the usage-weighted memory specificity instead (reports measured with it).
+
     >>> # plot_layer_profile(comparison.layers, path="out/layers")
     """
+    if value not in layers.columns:
+        raise ValueError(f"the layer table has no column {value!r} (columns: {list(layers.columns)})")
     models = list(dict.fromkeys(layers["model"]))
     colors = _model_colors(models)
     fig = _figure(width=6.0, height=3.6)
     ax = fig.add_subplot()
     for model in models:
         sub = layers[layers["model"] == model].sort_values("layer")
-        ax.plot(sub["layer"], sub["mean_flux"], "-o", ms=3, color=colors[model], label=_text(model))
+        ax.plot(sub["layer"], sub[value], "-o", ms=3, color=colors[model], label=_text(model))
+    specificity = value == "mean_specificity"
     ax.set_xlabel("layer (FFN output projection)", fontsize=8)
-    ax.set_ylabel("mean " + FLUX_LABEL, fontsize=8)
+    ax.set_ylabel(_text("usage-weighted H(P_i) (nats)") if specificity else "mean " + FLUX_LABEL, fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.set_title("Mean flux per layer", fontsize=10)
+    ax.set_title("Usage-weighted memory specificity per layer" if specificity else "Mean flux per layer", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(title="model", fontsize=8, title_fontsize=8, loc="best")
     return _maybe_save(fig, path, formats)

@@ -37,6 +37,7 @@ DATAFRAME_COLUMNS: tuple[str, ...] = (
     "layer_name",
     "flux",
     "surprisal",
+    "specificity",
 )
 
 
@@ -46,7 +47,11 @@ class TextFlux:
 
     ``flux[t, l]`` is the information flux (docs/design.md, section 1; in ``[0, 1]``) of the FFN key vector at token
     position ``t`` in layer ``l``; NaN where it is undefined (a key vector of zeros). ``surprisal[t]`` is
-    ``-log p(token_t | tokens_<t)`` in nats; NaN at position 0, which has no prefix.
+    ``-log p(token_t | tokens_<t)`` in nats; NaN at position 0, which has no prefix. ``specificity[t, l]``, when
+    measured (``measure_flux(..., specificity=True)``; else ``None``), is the usage-weighted memory specificity
+    ``sum_i p_i H(P_i)`` in nats: the entropy ``H(P_i)`` of each memory's vocabulary distribution
+    (:func:`~peft_infosteer.analysis.memory_specificity`) averaged with the token's key usage ``p``; lower means
+    the token's keys lean on more specific memories. NaN where the flux is.
     """
 
     text_id: int
@@ -56,6 +61,7 @@ class TextFlux:
     token_classes: list[str]
     flux: np.ndarray
     surprisal: np.ndarray
+    specificity: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.flux = np.asarray(self.flux, dtype=np.float32)
@@ -63,6 +69,13 @@ class TextFlux:
         n = len(self.token_ids)
         if self.flux.ndim != 2 or self.flux.shape[0] != n:
             raise ValueError(f"text {self.text_id}: flux must have shape ({n} tokens, layers), got {self.flux.shape}")
+        if self.specificity is not None:
+            self.specificity = np.asarray(self.specificity, dtype=np.float32)
+            if self.specificity.shape != self.flux.shape:
+                raise ValueError(
+                    f"text {self.text_id}: specificity must have the shape of flux {self.flux.shape}, "
+                    f"got {self.specificity.shape}"
+                )
         if not (len(self.tokens) == len(self.token_classes) == self.surprisal.shape[0] == n):
             raise ValueError(f"text {self.text_id}: tokens, classes and surprisal must all have {n} entries")
 
@@ -78,11 +91,27 @@ class TextFlux:
         >>> [round(float(x), 2) for x in t.token_flux()]
         [0.3, 0.7]
         """
-        values = self.flux if layers is None else self.flux[:, list(layers)]
-        with np.errstate(all="ignore"):
-            counts = np.isfinite(values).sum(axis=1)
-            sums = np.nansum(values, axis=1)
-            return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
+        return _layer_mean(self.flux, layers)
+
+    def token_specificity(self, layers: Sequence[int] | None = None) -> np.ndarray:
+        """Usage-weighted specificity per token averaged over ``layers``; all NaN when it was not measured.
+
+        >>> t = TextFlux(0, "a", [5], ["a"], ["content"], np.array([[0.2, 0.4]]), np.array([np.nan]),
+        ...              specificity=np.array([[3.0, 5.0]]))
+        >>> [float(x) for x in t.token_specificity()], [float(x) for x in t.token_specificity([1])]
+        ([4.0], [5.0])
+        """
+        if self.specificity is None:
+            return np.full(self.num_tokens, np.nan, dtype=np.float32)
+        return _layer_mean(self.specificity, layers)
+
+
+def _layer_mean(array: np.ndarray, layers: Sequence[int] | None) -> np.ndarray:
+    values = array if layers is None else array[:, list(layers)]
+    with np.errstate(all="ignore"):
+        counts = np.isfinite(values).sum(axis=1)
+        sums = np.nansum(values, axis=1)
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
 
 
 @dataclass
@@ -100,10 +129,17 @@ class FluxReport:
     usage_temperature: float = 1.0
     surprisal_unit: str = "nats"
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: Per layer, the mean ``H(P_i)`` over all memories (nats), when the specificity was measured; else ``None``.
+    memory_entropy: list[float] | None = None
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_names)
+
+    @property
+    def has_specificity(self) -> bool:
+        """Whether every text has the usage-weighted memory specificity (``measure_flux(..., specificity=True)``)."""
+        return bool(self.texts) and all(t.specificity is not None for t in self.texts)
 
     def text(self, text_id: int) -> TextFlux:
         """The :class:`TextFlux` with this ``text_id``."""
@@ -138,6 +174,11 @@ class FluxReport:
                         "layer_name": np.tile(np.asarray(self.layer_names, dtype=object), n),
                         "flux": t.flux.reshape(-1),
                         "surprisal": np.repeat(t.surprisal, num_layers),
+                        "specificity": (
+                            np.full(n * num_layers, np.nan, dtype=np.float32)
+                            if t.specificity is None
+                            else t.specificity.reshape(-1)
+                        ),
                     }
                 )
             )
@@ -155,6 +196,7 @@ class FluxReport:
             "usage_temperature": self.usage_temperature,
             "surprisal_unit": self.surprisal_unit,
             "metadata": self.metadata,
+            "memory_entropy": self.memory_entropy,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +210,11 @@ class FluxReport:
                 "token_classes": list(t.token_classes),
                 "flux": [[_json_float(v) for v in row] for row in t.flux.tolist()],
                 "surprisal": [_json_float(v) for v in t.surprisal.tolist()],
+                **(
+                    {}
+                    if t.specificity is None
+                    else {"specificity": [[_json_float(v) for v in row] for row in t.specificity.tolist()]}
+                ),
             }
             for t in self.texts
         ]
@@ -184,10 +231,9 @@ class FluxReport:
                 token_ids=[int(i) for i in t["token_ids"]],
                 tokens=list(t["tokens"]),
                 token_classes=list(t["token_classes"]),
-                flux=np.array(
-                    [[math.nan if v is None else v for v in row] for row in t["flux"]], dtype=np.float32
-                ).reshape(-1, num_layers),
+                flux=_layer_array(t["flux"], num_layers),
                 surprisal=np.array([math.nan if v is None else v for v in t["surprisal"]], dtype=np.float32),
+                specificity=_layer_array(t["specificity"], num_layers) if "specificity" in t else None,
             )
             for t in data["texts"]
         ]
@@ -199,6 +245,7 @@ class FluxReport:
             usage_temperature=float(data.get("usage_temperature", 1.0)),
             surprisal_unit=data.get("surprisal_unit", "nats"),
             metadata=dict(data.get("metadata") or {}),
+            memory_entropy=data.get("memory_entropy"),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -216,6 +263,12 @@ class FluxReport:
             names = [r.model for r in reports]
             raise ValueError(f"{path} holds {len(reports)} models {names}; use load_reports() to read them all")
         return reports[0]
+
+
+def _layer_array(rows: list[list[float | None]], num_layers: int) -> np.ndarray:
+    return np.array([[math.nan if v is None else v for v in row] for row in rows], dtype=np.float32).reshape(
+        -1, num_layers
+    )
 
 
 def _json_float(value: float) -> float | None:
@@ -299,6 +352,8 @@ def load_reports(path: str | os.PathLike) -> list[FluxReport]:
 
 def _report_from_frame(df: pd.DataFrame, meta: dict[str, Any]) -> FluxReport:
     num_layers = len(meta["layer_names"])
+    # measured iff the model's report carried a memory entropy; the column is NaN otherwise (older files: absent)
+    has_specificity = meta.get("memory_entropy") is not None and "specificity" in df.columns
     texts = []
     for text_id, group in df.sort_values(["text_id", "position", "layer"]).groupby("text_id", sort=True):
         tokens = group[group["layer"] == 0]
@@ -311,6 +366,9 @@ def _report_from_frame(df: pd.DataFrame, meta: dict[str, Any]) -> FluxReport:
                 token_classes=tokens["token_class"].tolist(),
                 flux=group["flux"].to_numpy(dtype=np.float32).reshape(-1, num_layers),
                 surprisal=tokens["surprisal"].to_numpy(dtype=np.float32),
+                specificity=(
+                    group["specificity"].to_numpy(dtype=np.float32).reshape(-1, num_layers) if has_specificity else None
+                ),
             )
         )
     return FluxReport(
@@ -321,4 +379,5 @@ def _report_from_frame(df: pd.DataFrame, meta: dict[str, Any]) -> FluxReport:
         usage_temperature=float(meta.get("usage_temperature", 1.0)),
         surprisal_unit=meta.get("surprisal_unit", "nats"),
         metadata=dict(meta.get("metadata") or {}),
+        memory_entropy=meta.get("memory_entropy"),
     )

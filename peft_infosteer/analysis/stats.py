@@ -90,6 +90,9 @@ def token_table(
 ) -> pd.DataFrame:
     """One row per (model, text, token): ``flux`` averaged over ``layers`` (all by default), surprisal and class.
 
+    ``specificity`` is the usage-weighted memory specificity averaged over the same layers (NaN when a report was
+    measured without it).
+
     ``drop_first`` leaves out position 0 of every text: it has no surprisal, and the first position of a causal LM
     is an attention sink whose activations are unlike any other token's.
 
@@ -117,6 +120,7 @@ def token_table(
                         "token_class": t.token_classes[start:],
                         "flux": t.token_flux(layers)[start:].astype(np.float64),
                         "surprisal": t.surprisal[start:].astype(np.float64),
+                        "specificity": t.token_specificity(layers)[start:].astype(np.float64),
                     }
                 )
             )
@@ -176,19 +180,23 @@ def class_summary(
 FIT_EXCLUDED_CLASSES: tuple[str, ...] = ("special",)
 
 
-def _fit_mask(tokens: pd.DataFrame, model: str, exclude_classes: Sequence[str]) -> pd.Series:
+def _fit_mask(tokens: pd.DataFrame, model: str, exclude_classes: Sequence[str], value: str = "flux") -> pd.Series:
+    if value not in tokens.columns:
+        raise ValueError(f"the token table has no column {value!r} (columns: {list(tokens.columns)})")
     return (
         (tokens["model"] == model)
-        & tokens["flux"].notna()
+        & tokens[value].notna()
         & tokens["surprisal"].notna()
         & ~tokens["token_class"].isin(list(exclude_classes))
     )
 
 
-def surprisal_correlation(tokens: pd.DataFrame, exclude_classes: Sequence[str] = FIT_EXCLUDED_CLASSES) -> pd.DataFrame:
-    """Per model: Pearson and Spearman correlation of token flux with surprisal, and the least-squares line.
+def surprisal_correlation(
+    tokens: pd.DataFrame, exclude_classes: Sequence[str] = FIT_EXCLUDED_CLASSES, value: str = "flux"
+) -> pd.DataFrame:
+    """Per model: Pearson and Spearman correlation of token ``value`` (flux) with surprisal, and the least-squares line.
 
-    Columns: ``model, n_tokens, pearson, spearman, slope, intercept`` (slope in flux per nat). Tokens of
+    Columns: ``model, n_tokens, pearson, spearman, slope, intercept`` (slope in ``value`` per nat). Tokens of
     ``exclude_classes`` (chat-template scaffolding by default) are left out.
 
     >>> # surprisal_correlation(token_table([base, steered]))
@@ -197,8 +205,8 @@ def surprisal_correlation(tokens: pd.DataFrame, exclude_classes: Sequence[str] =
 
     rows = []
     for model in tokens["model"].unique():
-        sub = tokens[_fit_mask(tokens, model, exclude_classes)]
-        x, y = sub["surprisal"].to_numpy(), sub["flux"].to_numpy()
+        sub = tokens[_fit_mask(tokens, model, exclude_classes, value)]
+        x, y = sub["surprisal"].to_numpy(), sub[value].to_numpy()
         if len(sub) < 3 or np.std(x) == 0 or np.std(y) == 0:
             rows.append(dict(model=model, n_tokens=len(sub), pearson=math.nan, spearman=math.nan,
                              slope=math.nan, intercept=math.nan))  # fmt: skip
@@ -209,7 +217,7 @@ def surprisal_correlation(tokens: pd.DataFrame, exclude_classes: Sequence[str] =
                 model=model,
                 n_tokens=len(sub),
                 pearson=float(np.corrcoef(x, y)[0, 1]),
-                spearman=float(sub["surprisal"].rank().corr(sub["flux"].rank())),
+                spearman=float(sub["surprisal"].rank().corr(sub[value].rank())),
                 slope=float(slope),
                 intercept=float(intercept),
             )
@@ -218,25 +226,34 @@ def surprisal_correlation(tokens: pd.DataFrame, exclude_classes: Sequence[str] =
 
 
 def add_surprisal_residuals(
-    tokens: pd.DataFrame, degree: int = 1, exclude_classes: Sequence[str] = FIT_EXCLUDED_CLASSES
+    tokens: pd.DataFrame,
+    degree: int = 1,
+    exclude_classes: Sequence[str] = FIT_EXCLUDED_CLASSES,
+    value: str = "flux",
 ) -> pd.DataFrame:
-    """Add ``flux_residual``: flux minus a degree-``degree`` polynomial fit of flux on surprisal, per model.
+    """Add ``<value>_residual``: ``value`` (flux by default) minus a degree-``degree`` polynomial fit of it on
+    surprisal, per model.
 
     The fit is pooled over the token classes of one model (all but ``exclude_classes``, which still get residuals
     from that fit), so a class whose residual mean is above zero gets more flux than its tokens' predictability
-    alone would give. Tokens without surprisal get NaN.
+    alone would give. Tokens without surprisal get NaN. ``value="specificity"`` gives the same control for the
+    usage-weighted memory specificity (``specificity_residual``).
 
-    >>> # class_summary(add_surprisal_residuals(token_table(report)), value="flux_residual")
+    >>> import pandas as pd
+    >>> t = pd.DataFrame(dict(model="m", token_class="content", surprisal=[1.0, 2.0, 3.0], flux=[0.1, 0.3, 0.2]))
+    >>> [round(float(r), 3) for r in add_surprisal_residuals(t)["flux_residual"]]
+    [-0.05, 0.1, -0.05]
     """
     if degree < 0:
         raise ValueError(f"degree must be >= 0, got {degree}")
+    column = f"{value}_residual"
     out = tokens.copy()
-    out["flux_residual"] = np.nan
+    out[column] = np.nan
     for model in out["model"].unique():
-        fit = _fit_mask(out, model, exclude_classes)
+        fit = _fit_mask(out, model, exclude_classes, value)
         if fit.sum() <= degree:
             continue
-        coef = np.polyfit(out.loc[fit, "surprisal"].to_numpy(), out.loc[fit, "flux"].to_numpy(), degree)
-        valid = (out["model"] == model) & out["flux"].notna() & out["surprisal"].notna()
-        out.loc[valid, "flux_residual"] = out.loc[valid, "flux"] - np.polyval(coef, out.loc[valid, "surprisal"])
+        coef = np.polyfit(out.loc[fit, "surprisal"].to_numpy(), out.loc[fit, value].to_numpy(), degree)
+        valid = (out["model"] == model) & out[value].notna() & out["surprisal"].notna()
+        out.loc[valid, column] = out.loc[valid, value] - np.polyval(coef, out.loc[valid, "surprisal"])
     return out

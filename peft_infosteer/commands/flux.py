@@ -6,6 +6,9 @@ The base model is always measured (as ``base``); each ``--adapter`` adds one mod
 with ``PeftModel.from_pretrained`` (any PEFT adapter: InfoSteer, LoRA, ...). ``--texts`` is JSONL with one
 ``{"text": ...}`` or ``{"messages": [...]}`` per line. The output directory gets the report (``report.json`` and
 ``report.parquet``), the tables (CSV and ``summary.md``), the figures (PNG and SVG) and one HTML page per shown text.
+``--specificity`` adds the usage-weighted memory specificity (``sum_i p_i H(softmax(v_i W_U))`` per token and layer,
+docs/analysis.md): its tables (``specificity_*.csv``, a section of ``summary.md``), a per-layer figure and, with
+adapters, a per-class difference figure.
 """
 
 from __future__ import annotations
@@ -58,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (of texts)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument(
+        "--specificity",
+        action="store_true",
+        help="also measure the usage-weighted memory specificity sum_i p_i H(softmax(v_i W_U)) (nats) per token and "
+        "layer: one pass of every memory vector through the unembedding per model",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -206,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
                 usage=args.usage,
                 usage_temperature=args.usage_temperature,
                 progress=not args.no_progress,
+                specificity=args.specificity,
             )
         )
         adapter_path = str(candidate) if candidate else None
@@ -232,6 +242,14 @@ def run(args: argparse.Namespace) -> int:
     }
     if len(reports) > 1:
         figures["class_differences"] = lambda p: plot_class_differences(comparison.differences, path=p)
+    if comparison.specificity_differences is not None:
+        figures["specificity_layers"] = lambda p: plot_layer_profile(
+            comparison.layers, value="mean_specificity", path=p
+        )
+        if len(reports) > 1:
+            figures["specificity_differences"] = lambda p: plot_class_differences(
+                comparison.specificity_differences, value="specificity (nats)", path=p
+            )
     for stem, make in figures.items():
         make(out / stem)
         written += [out / f"{stem}.png", out / f"{stem}.svg"]
@@ -246,6 +264,10 @@ def run(args: argparse.Namespace) -> int:
 
     means = {r.model: round(r.mean_flux(), 4) for r in reports}
     print(f"mean flux (all tokens and layers): {json.dumps(means)}")
+    if comparison.specificity_differences is not None:
+        layers = comparison.layers
+        spec = {m: round(float(layers.loc[layers["model"] == m, "mean_specificity"].mean()), 4) for m in names}
+        print(f"usage-weighted memory specificity (nats, mean over layers; lower = more specific): {json.dumps(spec)}")
     print(f"wrote {len(written)} files to {out}/ (summary: {out / 'summary.md'})")
     return 0
 

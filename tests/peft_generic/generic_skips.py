@@ -23,23 +23,38 @@ def _is_infosteer(args: dict) -> bool:
     return args.get("config_cls") is InfoSteerConfig
 
 
-def _flatten(kw: dict) -> bool:
-    return kw.get("intervention") == "flatten"
+def _intervention(kw: dict) -> str:
+    return kw.get("intervention", InfoSteerConfig().intervention)
+
+
+def _changes_output_at_init(kw: dict) -> bool:
+    """'flatten' and 'elevate' (in eval mode unless it acts in training only) change the forward from the start."""
+    if _intervention(kw) == "elevate":
+        return kw.get("elevate_at_inference", True)
+    return _intervention(kw) == "flatten"
+
+
+def _not_mergeable(kw: dict) -> bool:
+    return _intervention(kw) == "flatten" or (_intervention(kw) == "elevate" and kw.get("elevate_at_inference", True))
 
 
 def _parameter_free(kw: dict) -> bool:
-    """No tuner-layer parameter at all: 'flatten'/'none' without a stacked LoRA ('none' may train modules_to_save)."""
-    return kw.get("intervention", "none") in ("none", "flatten") and kw.get("lora") is None
+    """No tuner-layer parameter at all: 'flatten'/'elevate'/'none' without a stacked LoRA ('none' may train
+    modules_to_save)."""
+    return _intervention(kw) in ("none", "flatten", "elevate") and kw.get("lora") is None
+
+
+def _steers_without_weights(kw: dict) -> bool:
+    """An intervention with no weights of its own that changes the forward ('flatten', 'elevate')."""
+    return _intervention(kw) in ("flatten", "elevate")
 
 
 # ---- PEFT's helper, extended ---------------------------------------------------------------------------------------
 
 
 def _skip_if_merging_not_supported_infosteer(model_id, config_cls, config_kwargs):
-    if config_cls is InfoSteerConfig and config_kwargs.get("intervention") == "flatten":
-        pytest.skip(
-            "InfoSteer intervention='flatten' is not a linear map of the keys: it cannot be merged (merge raises)"
-        )
+    if config_cls is InfoSteerConfig and _not_mergeable(config_kwargs or {}):
+        pytest.skip(NOT_MERGEABLE)
 
 
 def _extend_peft_skip_helpers() -> None:
@@ -61,12 +76,17 @@ _extend_peft_skip_helpers()
 
 # ---- reasons ---------------------------------------------------------------------------------------------------
 
+NOT_MERGEABLE = (
+    "InfoSteer intervention='flatten', and 'elevate' acting at inference (elevate_at_inference=True), are not linear "
+    "maps of the keys: they cannot be merged (merge raises)"
+)
 NO_PARAMETERS = (
-    "this InfoSteer adapter has no parameters in its tuner layers (intervention='flatten'/'none' without LoRA): "
-    "nothing to train, name, put on the meta device or cast"
+    "this InfoSteer adapter has no parameters in its tuner layers (intervention='flatten'/'elevate'/'none' without "
+    "LoRA): nothing to train, name, put on the meta device or cast"
 )
 NOT_IDENTITY_AT_INIT = (
-    "intervention='flatten' changes the output from the start; PEFT's test starts from an identity adapter"
+    "intervention='flatten' and 'elevate' (acting at inference) change the output from the start; PEFT's test starts "
+    "from an identity adapter"
 )
 IDENTITY_ALWAYS = (
     "intervention='none' is the identity in the forward (it only shapes the gradient through the regularizer), so "
@@ -95,11 +115,11 @@ def precheck_custom(test: str, args: dict) -> None:
         return
     kw = _kwargs(args)
     if _parameter_free(kw):
-        if _flatten(kw) and (test in _TRAINS or test == "test_adapter_name"):
+        if _steers_without_weights(kw) and (test in _TRAINS or test == "test_adapter_name"):
             pytest.skip(NO_PARAMETERS)
         if test == "test_load_model_low_cpu_mem_usage":
             pytest.skip(NO_PARAMETERS)  # PEFT exempts LN tuning from this check for the same reason
-    if _flatten(kw) and test == "test_disable_adapters":
+    if _changes_output_at_init(kw) and test == "test_disable_adapters":
         pytest.skip(NOT_IDENTITY_AT_INIT)
     if kw.get("intervention") == "none" and kw.get("lora") is None and test == "test_safe_merge":
         pytest.skip(IDENTITY_ALWAYS)

@@ -39,6 +39,18 @@ TEST_CASES = [
       "lora": LoraConfig(r=4, target_modules=["lin0", "lin1"])}),
     ("Conv1D InfoSteer gain", "EmbConv1D", InfoSteerConfig,
      {"target_modules": ["conv1d"], "intervention": "gain", "entropy_weight": 0.0}),
+    # the paper's intervention: lin1's keys are ReLU outputs (non-negative), d_ff = 20, p = 10% replaces 2 per row
+    ("Vanilla MLP 9 InfoSteer elevate", "MLP", InfoSteerConfig,
+     {"target_modules": ["lin1"], "intervention": "elevate", "elevate_fraction": 0.1, "entropy_weight": 0.0}),
+    ("Vanilla MLP 10 InfoSteer elevate + LoRA", "MLP", InfoSteerConfig,
+     {"target_modules": ["lin1"], "intervention": "elevate", "elevate_fraction": 0.1, "elevate_scale": 2.0,
+      "entropy_weight": 0.01, "lora": LoraConfig(r=4, target_modules=["lin0"])}),
+    ("Vanilla MLP 11 InfoSteer elevate training-only + LoRA", "MLP", InfoSteerConfig,
+     {"target_modules": ["lin1"], "intervention": "elevate", "elevate_fraction": 0.1, "elevate_at_inference": False,
+      "entropy_weight": 0.0, "lora": LoraConfig(r=4, target_modules=["lin1"])}),
+    ("Conv1D InfoSteer elevate value + LoRA", "EmbConv1D", InfoSteerConfig,
+     {"target_modules": ["conv1d"], "intervention": "elevate", "elevate_fraction": 0.05, "elevate_rank": "value",
+      "entropy_weight": 0.0, "lora": LoraConfig(r=4, target_modules=["conv1d"])}),
 ]  # fmt: skip
 
 

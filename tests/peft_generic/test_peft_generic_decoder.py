@@ -25,8 +25,17 @@ ALL_CONFIGS = [
     (InfoSteerConfig, {"task_type": "CAUSAL_LM", "intervention": "flatten", "entropy_weight": 0.0}),
     (InfoSteerConfig, {"task_type": "CAUSAL_LM", "intervention": "gain", "entropy_weight": 0.0,
                        "lora": {"r": 4, "target_modules": "all-linear"}}),
+    # the paper's method (the default): elevate on its own, with LoRA and the regularizer, and training-only
+    (InfoSteerConfig, {"task_type": "CAUSAL_LM", "intervention": "elevate", "elevate_fraction": 0.05}),
+    (InfoSteerConfig, {"task_type": "CAUSAL_LM", "intervention": "elevate", "elevate_scale": 2.0,
+                       "entropy_weight": 0.01, "lora": {"r": 4, "target_modules": "all-linear"}}),
+    (InfoSteerConfig, {"task_type": "CAUSAL_LM", "intervention": "elevate", "elevate_at_inference": False,
+                       "lora": {"r": 4, "target_modules": "all-linear"}}),
 ]  # fmt: skip
-CONFIG_IDS = ["gain", "gain-entropy", "gain-softmax", "none-lora", "flatten", "gain-lora"]
+CONFIG_IDS = [
+    "gain", "gain-entropy", "gain-softmax", "none-lora", "flatten", "gain-lora", "elevate", "elevate-lora",
+    "elevate-train-only-lora",
+]  # fmt: skip
 
 
 @adopt_peft_tests(
