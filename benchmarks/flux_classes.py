@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = common.resolve_model_dir(args.model)
     splits = efficacy.load_splits(list(args.train_tasks), args)
     runner = efficacy.Runner(args, model_dir, splits, args.out / args.name / "runs")
+    # lambdas in the units of peft-infosteer 0.1.0, like every lambda of efficacy.py (converted by the package there)
     chosen = chosen_hyperparameters(args) if not args.quick else {"gain_entropy_weight": 10.0, "target_rise": 0.01}
     texts = held_out_texts(runner, args, args.texts)
     reports = []

@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft_infosteer.analysis import compare_reports, measure_flux
+    from peft_infosteer.analysis import compare_reports, measure_flux, memory_specificity
 
     args = parse_args(argv)
     if args.threads:
@@ -82,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     splits = efficacy.load_splits(list(args.train_tasks), args)
     runner = efficacy.Runner(args, model_dir, splits, args.out / args.name / "runs")
     texts = flux_classes.held_out_texts(runner, args, args.texts)
-    reports, trainings, vocab = [], {}, 0
+    reports, trainings, vocab, spread = [], {}, 0, {}
     for label, model, record in models(runner, args):
         print(f"measuring {label}", flush=True)
         vocab = int(model.get_output_embeddings().weight.shape[0])
+        # how far apart memories are: the scale against which a shift of the usage-weighted mean is small or large
+        entropy = torch.cat(memory_specificity(model).entropy).double()
+        spread[label] = {"std": float(entropy.std()), "p5": float(entropy.quantile(0.05)), "min": float(entropy.min())}
         t0 = time.perf_counter()
         report = measure_flux(model, runner.tokenizer, texts, model_name=label, batch_size=8, specificity=True)
         reports.append(report)
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": "all-linear"},
         "trainings": trainings,
         "per_model": per_model(comparison),
+        "memory_entropy_spread": spread,
         "differences": _records(comparison.specificity_differences),
         "residual_differences": _records(comparison.specificity_residual_differences),
         "flux_differences": _records(comparison.differences, classes=("all",)),
@@ -160,8 +164,8 @@ def _records(frame, classes: tuple[str, ...] = (*CLASSES, "all")) -> list[dict[s
     return json.loads(keep.to_json(orient="records"))
 
 
-def _interval(r: dict[str, Any], digits: int = 4) -> str:
-    return f"{r['mean_diff']:+.{digits}f} [{r['ci_low']:+.{digits}f}, {r['ci_high']:+.{digits}f}]"
+def _interval(r: dict[str, Any]) -> str:
+    return f"{r['mean_diff']:+.2e} [{r['ci_low']:+.2e}, {r['ci_high']:+.2e}]"
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -183,6 +187,15 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {r['model']} | {r['usage_weighted_specificity']:.4f} | {r['memory_entropy']:.4f} | "
             f"{r['usage_minus_memory']:+.4f} | {r['mean_flux']:.4f} |"
         )
+    lines += [
+        "",
+        "Spread of H(P_i) over all memories of all layers (the scale of the differences below): "
+        + "; ".join(
+            f"{m}: std {v['std']:.4f}, 5th percentile {v['p5']:.4f}, min {v['min']:.4f}"
+            for m, v in summary["memory_entropy_spread"].items()
+        )
+        + ".",
+    ]
     lines += [
         "",
         "| model | class | tokens | specificity - SFT (nats) | residual - SFT (nats) |",

@@ -63,9 +63,6 @@ class InfoSteerConfig(PeftConfig):
     target (``flux_target_rise``). An InfoSteer adapter may carry a LoRA config (``lora``): PEFT's own LoRA layers
     are then injected in the same adapter, and the steering module wraps the FFN output projection outermost.
 
-    An InfoSteer adapter may carry a LoRA config (``lora``): PEFT's own LoRA layers are then injected in the same
-    adapter, and the steering module wraps the FFN output projection outermost.
-
     Example:
 
     >>> from peft import LoraConfig

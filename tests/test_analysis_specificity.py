@@ -24,7 +24,6 @@ from peft_infosteer.analysis import (
     load_reports,
     measure_flux,
     memory_specificity,
-    memory_vectors,
     plot_class_differences,
     plot_layer_profile,
     save_reports,
@@ -146,6 +145,9 @@ def test_usage_weighted_specificity_per_token_is_p_dot_h(tokenizer):
 
 def test_specificity_of_elevated_keys_and_report_round_trip(tiny, tokenizer, tmp_path):
     model = tiny("llama", num_layers=2, vocab_size=len(tokenizer))
+    with torch.no_grad():  # memories from general (small v_i, P_i near uniform) to specific (large v_i)
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight *= torch.logspace(0, 3, layer.mlp.down_proj.weight.shape[1])
     texts = ["The cat sat on the mat, and the dog ran.", "What is 2 + 3?"]
     base = measure_flux(model, tokenizer, texts, model_name="base", specificity=True)
     config = peft_infosteer.InfoSteerConfig(intervention="elevate", elevate_fraction=0.25, elevate_scale=4.0)
@@ -153,7 +155,7 @@ def test_specificity_of_elevated_keys_and_report_round_trip(tiny, tokenizer, tmp
     steered = measure_flux(steered_model, tokenizer, texts, model_name="elevate", specificity=True)
     # no LoRA: same memories, so the specificity moves only through the usage of the elevated keys
     assert steered.memory_entropy == pytest.approx(base.memory_entropy)
-    assert not np.allclose(steered.texts[0].specificity, base.texts[0].specificity)
+    assert np.abs(steered.texts[0].specificity - base.texts[0].specificity).max() > 1e-2
     for suffix in ("json", "parquet"):
         (loaded_base, loaded) = load_reports(save_reports([base, steered], tmp_path / f"r.{suffix}"))
         for a, b in ((base, loaded_base), (steered, loaded)):
@@ -249,7 +251,9 @@ def test_specificity_benchmark_quick_end_to_end(tiny_smol_dir, tmp_path):
         assert {r["model"] for r in rows} == models
         assert all(r["ci_low"] <= r["mean_diff"] <= r["ci_high"] for r in rows)
     assert {r["model"] for r in result["per_model"]} == {"SFT", *models}
-    assert all(0 < r["usage_weighted_specificity"] <= math.log(result["vocab_size"]) + 1e-4 for r in result["per_model"])
+    assert all(
+        0 < r["usage_weighted_specificity"] <= math.log(result["vocab_size"]) + 1e-4 for r in result["per_model"]
+    )
     assert result["adapters"]["InfoSteer elevate"]["intervention"] == "elevate"
     assert result["adapters"]["InfoSteer regularizer"] == {"intervention": "none", "entropy_weight": 0.01}
     assert (out / "specificity.png").is_file() and "specificity - SFT" in (out / "results.md").read_text()

@@ -52,6 +52,24 @@ def test_batch_order_same_for_every_call_and_buckets_lengths():
     assert padding(a) < padding(efficacy.batch_order(lengths, steps=10, batch_size=4, seed=3, bucket=1)) / 2
 
 
+@pytest.mark.parametrize("method", ["infosteer-entropy", "infosteer-gain", "infosteer-target"])
+def test_efficacy_lambdas_keep_the_units_of_the_committed_runs(method):
+    """The benchmark's lambdas are 0.1.0's: the package converts them, so a rerun trains what the results record."""
+    import math
+    from types import SimpleNamespace
+
+    from tiny_models import tiny_model
+
+    chosen = {"entropy_weight": 100.0, "gain_entropy_weight": 100.0, "target_rise": 0.01, "target_start_weight": 100.0}
+    params = efficacy.method_params(method, chosen)
+    model = efficacy.build_peft_model(tiny_model("llama"), params, SimpleNamespace(lora_r=2, lora_alpha=4), seed=0)
+    config = model.peft_config["default"]
+    factor = 2 * math.log(64)  # the tiny Llama's two steered layers of d_ff 64
+    assert config.entropy_weight == pytest.approx(100.0 / factor, rel=1e-12)
+    assert config.lambda_in_paper_units  # converted once: a reload of a cached adapter keeps the value
+    assert params["entropy_weight"] == 100.0  # what the run cache and the results record is unchanged
+
+
 def test_paired_differences_point_estimate_and_interval():
     method = [[1, 1, 1, 0] * 25, [1, 1, 0, 0] * 25]
     base = [[1, 0, 1, 0] * 25, [1, 0, 0, 0] * 25]
@@ -174,7 +192,7 @@ def test_overhead_quick_reports_training_op_and_generation(tmp_path):
     assert all(f"## {part}" in proc.stdout for part in ("1. Training", "2. The flux op", "3. Generation"))
     # 1. training steps, eager and compiled, each against the LoRA step of its kind; compiles only in the warm-up
     training = data["training"]
-    modes = ["entropy", "gain", "flatten", "gain+entropy"]
+    modes = ["entropy", "gain", "flatten", "gain+entropy", "elevate"]
     variants = {f"{kind}/{m}" for kind in ("eager", "compiled") for m in modes} | {"eager/entropy-closed-form"}
     assert set(training["ratios"]) == variants
     for name, ratio in training["ratios"].items():
@@ -190,10 +208,14 @@ def test_overhead_quick_reports_training_op_and_generation(tmp_path):
     assert op["graphs_compiled_after_warmup"] == 0
     # 3. generation: no flux work at inference, merging keeps the output
     gen = data["generation"]
-    assert set(gen["time_s"]) == {f"{bs}/{m}" for bs in (1, 4) for m in ("lora", "infosteer", "infosteer-merged")}
-    assert set(gen["targets"]) == {"1/infosteer", "4/infosteer"}
+    kinds = ("lora", "infosteer", "infosteer-merged", "elevate", "elevate-training-only")
+    assert set(gen["time_s"]) == {f"{bs}/{m}" for bs in (1, 4) for m in kinds}
+    assert set(gen["targets"]) == {
+        f"{bs}/{m}" for bs in (1, 4) for m in ("infosteer", "elevate", "elevate-training-only")
+    }
     assert not gen["flux_measured_during_generate"]
     assert gen["merged_equals_unmerged_tokens"] >= 0.9
+    assert gen["elevate_training_only_equals_lora_tokens"] == 1.0  # training-only elevate leaves inference alone
 
 
 @pytest.mark.slow

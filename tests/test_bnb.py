@@ -54,18 +54,12 @@ def test_4bit_base_trains_with_infosteer_and_lora(base_dir, compute_dtype, inter
     assert isinstance(down, InfoSteerLinear)
     assert isinstance(down.base_layer, lora.Linear4bit)
     assert isinstance(down.get_base_layer(), bnb.nn.Linear4bit)
-    if intervention == "elevate":  # the paper's intervention reaches the 4-bit projection: ceil(1% of 128) = 2 per row
-        seen = []
-        down.get_base_layer().register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-        down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-        with torch.no_grad():
-            model(input_ids=IDS)
-        keys, elevated = seen[-2], seen[-1]
-        assert elevated.dtype == keys.dtype
-        changed = (elevated != keys).sum(-1)
-        assert changed.min() >= 1 and changed.max() <= 2
-        lowest = keys.float().abs().topk(2, dim=-1, largest=False).values[..., -1:]
-        assert torch.all(keys.float().abs()[elevated != keys] <= lowest.expand_as(keys)[elevated != keys])
+    # what reaches layer 0's 4-bit projection, seen in the training forwards below (a no_grad forward first would
+    # leave the next backward of this CPU 4-bit base without LoRA gradients before the MLP: a bitsandbytes quirk that
+    # plain LoRA shows too)
+    seen: list[torch.Tensor] = []
+    down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    down.get_base_layer().register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
 
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable)
@@ -90,6 +84,12 @@ def test_4bit_base_trains_with_infosteer_and_lora(base_dir, compute_dtype, inter
         assert all(grads[n].abs().sum() > 0 for n in trainable if "infosteer_gain" in n or "lora_B" in n)
         optimizer.step()
         losses.append(loss.item())
+        keys, reached = seen[-2:]
+        if intervention == "elevate":  # the paper's intervention reaches the 4-bit projection: ceil(1% of 128) = 2
+            replaced = reached != keys
+            assert reached.dtype == keys.dtype and 1 <= replaced.sum(-1).min() <= replaced.sum(-1).max() <= 2
+            second_lowest = keys.float().abs().topk(2, dim=-1, largest=False).values[..., -1:].expand_as(keys)
+            assert torch.all(keys.float().abs()[replaced] <= second_lowest[replaced])
     changed = [n for n, p in trainable.items() if not torch.equal(p, before[n])]
     assert len(changed) == len(trainable)
     assert losses[-1] < losses[0], losses

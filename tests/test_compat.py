@@ -48,7 +48,9 @@ def test_add_enum_member():
 
 
 def test_move_adapter_to_base_layer(tiny):
-    model = get_peft_model(tiny("llama").to(torch.bfloat16), InfoSteerConfig(), autocast_adapter_dtype=False)
+    model = get_peft_model(
+        tiny("llama").to(torch.bfloat16), InfoSteerConfig(intervention="gain"), autocast_adapter_dtype=False
+    )
     layer = next(m for m in model.modules() if isinstance(m, InfoSteerLayer))
     layer.infosteer_gain["default"].data = layer.infosteer_gain["default"].data.float()
     _compat.move_adapter_to_base_layer(layer, "default")
@@ -70,7 +72,7 @@ def test_called_on_the_tuner_by_peft():
 
 
 def test_check_adapters_not_merged(tiny):
-    model = get_peft_model(tiny("llama"), InfoSteerConfig())
+    model = get_peft_model(tiny("llama"), InfoSteerConfig(intervention="gain"))
     _compat.check_adapters_not_merged(model, "default")
     model.merge_adapter()
     with pytest.raises(ValueError, match="while they are merged"):
@@ -78,7 +80,9 @@ def test_check_adapters_not_merged(tiny):
 
 
 def test_tuner_state_dict_key_prefixes_cover_nested_lora(tiny):
-    model = get_peft_model(tiny("llama"), InfoSteerConfig(lora=LoraConfig(r=2, target_modules=["down_proj"])))
+    model = get_peft_model(
+        tiny("llama"), InfoSteerConfig(intervention="gain", lora=LoraConfig(r=2, target_modules=["down_proj"]))
+    )
     prefixes = _compat.tuner_state_dict_key_prefixes(model, adapter_name="default")
     state = _compat.filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
     assert any("infosteer_gain" in k for k in state) and any("lora_A" in k for k in state)

@@ -89,7 +89,9 @@ def test_lora_must_describe_lora():
 
 def test_edge_values_are_accepted():
     InfoSteerConfig(intervention="flatten", entropy_weight=0, flatten_strength=0)
-    InfoSteerConfig(intervention="flatten", entropy_weight=2, flatten_strength=1, usage="softmax", usage_temperature=1e-3)
+    InfoSteerConfig(
+        intervention="flatten", entropy_weight=2, flatten_strength=1, usage="softmax", usage_temperature=1e-3
+    )
     InfoSteerConfig(elevate_fraction=1e-9, elevate_scale=0, elevate_rank="value", elevate_at_inference=False)
     InfoSteerConfig(elevate_fraction=0.999, elevate_scale=5)
 

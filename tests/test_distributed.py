@@ -15,6 +15,7 @@ Everything runs on CPU in separate processes on a tiny Llama written to disk (se
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -27,12 +28,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import legacy_lambda
 from safetensors.torch import load_file
 from tiny_sft import write_sft_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "sft_infosteer.py"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+# the regularizer strengths these comparisons were tuned with before 0.2.0 (0.5 and 2.0 times the mean normalised
+# flux), in the paper's lambda on the 2 layers of d_ff 64 of tiny_sft's model: stronger ones amplify the reordered sums
+# of the all-reduce beyond the tolerances over two SGD steps at learning rate 1
+LAMBDA_DDP = legacy_lambda(0.5, [64, 64])
+LAMBDA_ZERO = legacy_lambda(2.0, [64, 64])
 
 
 def _free_port() -> int:
@@ -57,13 +64,21 @@ def _run(cmd: list[str], timeout: int = 400, **env: str) -> str:
     return output
 
 
-def _sft_flags(model_dir: Path, data: Path, out: Path, batch: int, entropy_weight: float = 0.5) -> list[str]:
+# the paper's intervention with a visible effect on these tiny layers (d_ff 64: ceil(5%) = 4 keys per token, twice the
+# mean)
+_ELEVATE_FLAGS = ("--elevate_fraction", "0.05", "--elevate_scale", "2.0")
+
+
+def _sft_flags(
+    model_dir: Path, data: Path, out: Path, batch: int, entropy_weight: float = LAMBDA_DDP, intervention: str = "gain"
+) -> list[str]:
     # SGD with a constant learning rate of 1 and no clipping: the saved adapter is a direct image of the gradients.
     # TRL's default gradient checkpointing (non-reentrant) stays on; bf16 is off because TRL enables it even on CPU.
     return [
         *("--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out)),
         *("--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--lora_target_modules"),
-        *("all-linear", "--entropy_weight", str(entropy_weight), "--intervention", "gain"),
+        *("all-linear", "--entropy_weight", str(entropy_weight), "--intervention", intervention),
+        *(_ELEVATE_FLAGS if intervention == "elevate" else ()),
         *("--max_steps", "2", "--per_device_train_batch_size", str(batch), "--optim", "sgd", "--learning_rate", "1.0"),
         *("--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--bf16", "False", "--seed", "0"),
         *("--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2", "--report_to", "none"),
@@ -151,18 +166,24 @@ _PLAIN_SFT_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_ddp_with_a_plain_sft_trainer_matches_one_process(tmp_path):
+@pytest.mark.parametrize("intervention", ["gain", "elevate"])
+def test_ddp_with_a_plain_sft_trainer_matches_one_process(tmp_path, intervention):
     model_dir, data = write_sft_assets(tmp_path)
     script = tmp_path / "plain_sft.py"
     script.write_text(_PLAIN_SFT_SCRIPT)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     launch += ["--main_process_port", str(_free_port()), str(script)]
-    _run(launch + _sft_flags(model_dir, data, tmp_path / "ddp", batch=2))
-    _run_example_in_process(_sft_flags(model_dir, data, tmp_path / "single", batch=4))
+    _run(launch + _sft_flags(model_dir, data, tmp_path / "ddp", batch=2, intervention=intervention))
+    _run_example_in_process(_sft_flags(model_dir, data, tmp_path / "single", batch=4, intervention=intervention))
     got = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
     want = load_file(tmp_path / "single" / "adapter_model.safetensors")
-    assert sorted(got) == sorted(want) and any("infosteer_gain" in k for k in got)
+    assert sorted(got) == sorted(want) and any("lora_B" in k for k in got)
+    assert any("infosteer_gain" in k for k in got) == (intervention == "gain")
+    saved = json.loads((tmp_path / "ddp" / "adapter_config.json").read_text())
+    assert saved["intervention"] == intervention
+    if intervention == "elevate":
+        assert (saved["elevate_fraction"], saved["elevate_scale"]) == (0.05, 2.0)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
 
@@ -189,7 +210,7 @@ _TARGET_SCRIPT = textwrap.dedent(
     trainer = InfoSteerSFTTrainer(
         model=model_dir, args=args, train_dataset=load_dataset("json", data_files=data)["train"],
         processing_class=AutoTokenizer.from_pretrained(model_dir),
-        peft_config=InfoSteerConfig(flux_target_rise=0.01, entropy_weight=10.0, lora=lora),
+        peft_config=InfoSteerConfig(intervention="gain", flux_target_rise=0.01, entropy_weight=1.0, lora=lora),
     )
     trainer.train()
     target = peft_infosteer.find_infosteer_model(trainer.model).flux_target
@@ -220,7 +241,7 @@ def test_ddp_flux_target_is_identical_on_every_rank_and_matches_one_process(tmp_
     ranks = results[2]
     assert ranks[0] == ranks[1]  # identical on every rank: the step window is summed over ranks
     start, weight, steps = results[1][0]
-    assert steps == ranks[0][2] == 3 and weight != 10.0
+    assert steps == ranks[0][2] == 3 and weight != 1.0
     assert ranks[0][0] == pytest.approx(start, rel=1e-5) and ranks[0][1] == pytest.approx(weight, rel=1e-4)
 
 
@@ -316,7 +337,7 @@ _FSDP2_SCRIPT = textwrap.dedent(
     def build():
         torch.manual_seed(0)
         lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-        config = peft_infosteer.InfoSteerConfig(intervention="gain", entropy_weight=2.0, lora=lora)
+        config = peft_infosteer.InfoSteerConfig(intervention="gain", entropy_weight={entropy_weight!r}, lora=lora)
         return get_peft_model(tiny_model("llama"), config).train()
 
     def loss_of(model, ids, labels):
@@ -358,7 +379,7 @@ _FSDP2_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_fsdp2_sharded_gradients_match_single_process(tmp_path):
     script = tmp_path / "fsdp2_check.py"
-    script.write_text(_FSDP2_SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(_FSDP2_SCRIPT.format(tests=str(Path(__file__).parent), entropy_weight=LAMBDA_ZERO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     output = _run([*cmd, "--master_port", str(_free_port()), str(script)])
     # match records anywhere: the ranks' lines may still interleave in the captured output
@@ -420,11 +441,15 @@ _DEEPSPEED_SCRIPT = textwrap.dedent(
         deepspeed=ds_config, accelerator_config={{"use_configured_state": True}} if stage else None,
     )
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    intervention = os.environ["INTERVENTION"]
+    steering = {{"intervention": intervention}}
+    if intervention == "elevate":
+        steering.update(elevate_fraction=0.05, elevate_scale=2.0)
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
         train_dataset=load_dataset("json", data_files=data)["train"],
         processing_class=AutoTokenizer.from_pretrained(model_dir),
-        peft_config=InfoSteerConfig(entropy_weight=float(os.environ["ENTROPY_WEIGHT"]), lora=lora),
+        peft_config=InfoSteerConfig(entropy_weight=float(os.environ["ENTROPY_WEIGHT"]), lora=lora, **steering),
     )
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
@@ -439,8 +464,8 @@ _DEEPSPEED_SCRIPT = textwrap.dedent(
     if stage == 3:
         import deepspeed
 
-        gain = next(p for n, p in params if "infosteer_gain" in n)
-        info["partitioned"] = [gain.numel(), gain.ds_numel, gain.ds_tensor.numel()]
+        first = next(p for n, p in params if ("infosteer_gain" if intervention == "gain" else "lora_B") in n)
+        info["partitioned"] = [first.numel(), first.ds_numel, first.ds_tensor.numel()]
         with deepspeed.zero.GatheredParameters([p for _, p in params]):
             weights = {{n: p.detach().clone() for n, p in params}}
     else:
@@ -458,7 +483,9 @@ _DEEPSPEED_SCRIPT = textwrap.dedent(
 )
 
 
-def _deepspeed_run(tmp_path, model_dir, data, name, stage, gc, entropy_weight=2.0, processes=1):
+def _deepspeed_run(
+    tmp_path, model_dir, data, name, stage, gc, entropy_weight=LAMBDA_ZERO, processes=1, intervention="gain"
+):
     script = tmp_path / "deepspeed_check.py"
     script.write_text(_DEEPSPEED_SCRIPT.format())
     out = tmp_path / name
@@ -467,7 +494,9 @@ def _deepspeed_run(tmp_path, model_dir, data, name, stage, gc, entropy_weight=2.
     if processes > 1:
         cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(_free_port())]
     output = _run(
-        [*cmd, str(script), str(model_dir), str(data), str(out), str(stage), gc], ENTROPY_WEIGHT=str(entropy_weight)
+        [*cmd, str(script), str(model_dir), str(data), str(out), str(stage), gc],
+        ENTROPY_WEIGHT=str(entropy_weight),
+        INTERVENTION=intervention,
     )
     # the ranks share stdout: records may run together on one line, so find them anywhere (they hold no nested dict)
     results = [json.loads(record) for record in re.findall(r"RESULT (\{[^{}]*\})", output)]
@@ -477,23 +506,36 @@ def _deepspeed_run(tmp_path, model_dir, data, name, stage, gc, entropy_weight=2.
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed; scripts/setup.sh installs it")
-@pytest.mark.parametrize(("stage", "checkpointing"), [(2, "non-reentrant"), (3, "reentrant")])
-def test_deepspeed_zero_two_processes_match_one_plain_process(tmp_path, stage, checkpointing):
-    """ZeRO-3 + reentrant checkpointing is what TRL uses for PEFT under ZeRO-3: the regularizer must train there."""
+@pytest.mark.parametrize(
+    ("stage", "checkpointing", "intervention"),
+    [
+        (2, "non-reentrant", "gain"),
+        (3, "reentrant", "gain"),
+        (2, "non-reentrant", "elevate"),
+        (3, "reentrant", "elevate"),
+    ],
+)
+def test_deepspeed_zero_two_processes_match_one_plain_process(tmp_path, stage, checkpointing, intervention):
+    """ZeRO-3 + reentrant checkpointing is what TRL uses for PEFT under ZeRO-3: the regularizer must train there, and
+    the paper's elevate (with the stacked LoRA it trains) too."""
     model_dir, data = write_sft_assets(tmp_path)
-    (reference,), want = _deepspeed_run(tmp_path, model_dir, data, "reference", 0, "none")
-    _, no_reg = _deepspeed_run(tmp_path, model_dir, data, "no-reg", 0, "none", entropy_weight=0.0)
-    results, got = _deepspeed_run(tmp_path, model_dir, data, "zero", stage, checkpointing, processes=2)
+    run = functools.partial(_deepspeed_run, tmp_path, model_dir, data, intervention=intervention)
+    (reference,), want = run("reference", 0, "none")
+    if intervention == "gain":  # the regularizer's share in the gains (elevate's LoRA-only run skips this: runtime)
+        _, no_reg = run("no-reg", 0, "none", entropy_weight=0.0)
+    results, got = run("zero", stage, checkpointing, processes=2)
     assert all(r["world"] == 2 and r["engine"] == "DeepSpeedEngine" for r in results)
     assert results[0]["reentrant"] == [str(checkpointing == "reentrant")]
     assert results[0]["losses"] == pytest.approx(reference["losses"], rel=1e-5)
     if stage == 3:  # really partitioned: the gain is empty outside a gather, half of it on each rank
         numel, ds_numel, local = results[0]["partitioned"]
         assert numel == 0 and local == ds_numel // 2
-    assert sorted(got) == sorted(want) and any("infosteer_gain" in k for k in got)
+    assert sorted(got) == sorted(want) and any("lora_B" in k for k in got)
+    assert any("infosteer_gain" in k for k in got) == (intervention == "gain")
     # two steps of SGD at learning rate 1 amplify the reordered sums of the all-reduce: a few 1e-6 remain
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
-    # the regularizer moves the gains by far more than that tolerance, so the match above tests it
-    share = max((want[k] - no_reg[k]).abs().max().item() for k in want if "infosteer_gain" in k)
-    assert share > 100 * 1e-5, share
+    if intervention == "gain":
+        # the regularizer moves the gains by far more than that tolerance, so the match above tests it
+        share = max((want[k] - no_reg[k]).abs().max().item() for k in want if "infosteer_gain" in k)
+        assert share > 100 * 1e-5, share

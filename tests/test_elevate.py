@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from reference import build, forward_with_plain_entropy, relative_error, steering_layers, trainable_grads
 from tiny_models import tiny_model
 
@@ -101,10 +101,12 @@ def check_is_an_elevation(
         target = torch.full_like(row, float(new)) if rank == "value" else torch.where(row >= 0, new, -new)
         changed = got != row
         assert torch.allclose(got[changed], target[changed], rtol=tol, atol=1e-6)
-        already = (~changed) & torch.isclose(row, target, rtol=tol, atol=1e-6)  # a bottom one that already had it
-        assert changed.sum() <= m <= changed.sum() + already.sum(), (row, got)
-        if changed.any() and (~changed).any():
-            assert key[changed].max() <= key[~changed].min()  # only the bottom was replaced (ties: any of them)
+        already = (~changed) & torch.isclose(row, target, rtol=tol, atol=1e-6)  # may be a bottom one that had it
+        kept = ~changed & ~already
+        ceiling = key[kept].min() if kept.any() else math.inf
+        if changed.any():
+            assert key[changed].max() <= ceiling  # only the bottom was replaced (ties: any of them)
+        assert changed.sum() <= m <= changed.sum() + (already & (key <= ceiling)).sum(), (row, got)
 
 
 # ---- math ----------------------------------------------------------------------------------------------------------
@@ -241,6 +243,17 @@ def test_scale_zero_prunes_the_bottom_and_passes_no_gradient_there():
     assert replaced.sum() == 2 and torch.all(out[replaced] == 0)
     out.sum().backward()
     assert torch.equal(k.grad, (~replaced).float())
+
+
+def test_any_leading_shape_and_an_empty_batch():
+    for shape in ((64,), (0, 5, 64), (2, 3, 4, 64)):
+        k = torch.randn(shape, requires_grad=True)
+        out = elevate_keys(k, 0.05, 2.0)
+        out.sum().backward()
+        assert out.shape == k.grad.shape == k.shape
+        assert torch.equal((out != k).sum(-1), torch.full(shape[:-1], 4))
+    k = torch.randn(64, 6).t()  # not contiguous
+    torch.testing.assert_close(elevate_keys(k, 0.05, 2.0), elevate_keys(k.contiguous(), 0.05, 2.0))
 
 
 @pytest.mark.parametrize(
@@ -469,7 +482,8 @@ def test_save_and_reload_in_a_fresh_process(tmp_path):
                   config.elevate_at_inference)
             with torch.no_grad():
                 got = model.eval()(ids).logits
-            assert torch.equal(got, torch.tensor(expected[name])), (name, (got - torch.tensor(expected[name])).abs().max())
+            want = torch.tensor(expected[name])
+            assert torch.equal(got, want), (name, (got - want).abs().max())
             if name == "train_only":
                 with torch.no_grad():
                     merged = model.merge_and_unload()(ids).logits

@@ -46,7 +46,9 @@ def assets(tmp_path_factory):
     for name, lora in (("gain", None), ("gain-lora", LoraConfig(r=2, target_modules="all-linear"))):
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(model_dir)
-        model = get_peft_model(base, InfoSteerConfig(intervention="gain", init_weights=False, lora=lora, entropy_weight=0.1))
+        model = get_peft_model(
+            base, InfoSteerConfig(intervention="gain", init_weights=False, lora=lora, entropy_weight=0.1)
+        )
         path = root / name
         model.save_pretrained(path)
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)

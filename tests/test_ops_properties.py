@@ -16,7 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from peft_infosteer.ops import flatten_keys, fused_information_flux, gain_keys, information_flux, usage_distribution
+from peft_infosteer.ops import (
+    elevate_keys,
+    flatten_keys,
+    fused_information_flux,
+    gain_keys,
+    information_flux,
+    usage_distribution,
+)
 
 # PEFT_INFOSTEER_PROPERTY_EXAMPLES=1000 for a deeper search than the quick default
 FAST = settings(
@@ -217,3 +224,50 @@ def test_flatten_mixes_usage_with_uniform(k, alpha):
 def test_unit_gain_is_the_identity(k, dtype):
     k = k.to(dtype)
     assert torch.equal(gain_keys(k, torch.ones(k.shape[-1])), k)
+
+
+# ---- elevate (the paper's intervention) -----------------------------------------------------------------------------
+
+RANKS = st.sampled_from(["magnitude", "value"])
+FRACTIONS = st.floats(1e-6, 0.999)
+
+
+@FAST
+@given(k=keys(elements=MODERATE, min_rows=1), fraction=FRACTIONS, alpha=st.floats(0.0, 5.0), rank=RANKS)
+def test_elevate_replaces_the_bottom_by_alpha_times_the_mean(k, fraction, alpha, rank):
+    from test_elevate import check_is_an_elevation  # the tie-proof check, written from the formula
+
+    check_is_an_elevation(k, elevate_keys(k, fraction, alpha, rank), fraction, alpha, rank)
+
+
+@FAST
+@given(k=keys(elements=MODERATE, min_rows=1), fraction=FRACTIONS, alpha=st.floats(0.0, 5.0), rank=RANKS, data=st.data())
+def test_elevate_gradient_equals_plain_autograd(k, fraction, alpha, rank, data):
+    from peft_infosteer._elevate import elevate_reference
+
+    weight = torch.from_numpy(data.draw(arrays(np.float32, tuple(k.shape), elements=floats32(-1.0, 1.0))))
+    grads = []
+    for fn in (elevate_keys, elevate_reference):  # same selection (ties included), the formula through autograd
+        kk = k.clone().requires_grad_(True)
+        (fn(kk, fraction, alpha, rank) * weight).sum().backward()
+        grads.append(kk.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+@FAST
+@given(
+    k=keys(min_rows=1),
+    fraction=FRACTIONS,
+    alpha=st.floats(0.0, 5.0),
+    rank=RANKS,
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_elevate_is_finite_for_extreme_and_low_precision_keys(k, fraction, alpha, rank, dtype):
+    k = k.to(dtype)
+    if not torch.isfinite(k).all():  # float16 overflows the widest float32 keys before elevate sees them
+        return
+    kk = k.clone().requires_grad_(True)
+    out = elevate_keys(kk, fraction, alpha, rank)
+    out.float().sum().backward()
+    assert out.dtype == dtype and torch.isfinite(kk.grad).all()
+    assert torch.isfinite(out).all() or dtype == torch.float16  # alpha * mean may exceed float16's range

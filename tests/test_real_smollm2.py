@@ -3,6 +3,7 @@ save, reload in a fresh process, identical logits."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,9 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
 from peft_infosteer import InfoSteerConfig, infosteer_loss, last_flux
+
+# the paper's lambda; about 0.1 in the units before 0.2.0 on SmolLM2's 30 layers of d_ff 1536 (0.1 was used then)
+LAMBDA = 5e-4
 
 pytestmark = pytest.mark.real_model
 
@@ -62,7 +66,7 @@ def test_infosteer_lora_train_save_reload(smollm2_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     config = InfoSteerConfig(
         intervention="gain",
-        entropy_weight=0.1,
+        entropy_weight=LAMBDA,
         lora=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
         task_type="CAUSAL_LM",
     )
@@ -78,7 +82,8 @@ def test_infosteer_lora_train_save_reload(smollm2_dir, tmp_path):
     for _ in range(3):
         out = model(**batch)
         fluxes.append(last_flux(model))
-        assert infosteer_loss(model).item() == pytest.approx(-0.1 * fluxes[-1], rel=1e-5)  # its value, for logging
+        # its value, for logging: the paper's -lambda * sum over the 30 layers of the mean entropy (d_ff 1536)
+        assert infosteer_loss(model).item() == pytest.approx(-LAMBDA * 30 * math.log(1536) * fluxes[-1], rel=1e-5)
         optimizer.zero_grad()
         out.loss.backward()  # the regularizer is in this backward
         optimizer.step()

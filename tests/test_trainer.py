@@ -17,7 +17,6 @@ import peft_infosteer
 from peft_infosteer import InfoSteerCallback, InfoSteerConfig, InfoSteerSFTTrainer
 from peft_infosteer.layer import InfoSteerLayer
 
-
 # the paper's lambda; 0.06 is about 0.5 in the units before 0.2.0 on the tiny model's 2 layers of d_ff 64
 WEIGHT = 0.06
 # sum over the steered layers of log d_ff: the logged regularizer is -lambda * this * mean flux (nats over layers)

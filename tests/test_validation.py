@@ -24,7 +24,7 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 
 BAD_VALUES = [
-    ("intervention", "sharpen", r"intervention must be one of \('none', 'gain', 'flatten'\)"),
+    ("intervention", "sharpen", r"intervention must be one of \('elevate', 'none', 'gain', 'flatten'\)"),
     ("usage", "l2", r"usage must be one of \('abs', 'softmax'\)"),
     ("entropy_weight", -0.1, r"entropy_weight must be a finite number >= 0"),
     ("flatten_strength", 1.5, r"flatten_strength must be a number in \[0, 1\]"),

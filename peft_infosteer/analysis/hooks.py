@@ -20,7 +20,7 @@ from torch import nn
 from ..architectures import default_target_modules
 from ..layer import InfoSteerLayer
 
-__all__ = ["KeyModule", "find_key_modules", "model_unchanged", "read_keys"]
+__all__ = ["KeyModule", "find_key_modules", "input_device", "model_unchanged", "read_keys"]
 
 KeyModule = tuple[str, nn.Module]
 
@@ -138,3 +138,13 @@ def merged_gain_warning(model: nn.Module) -> str | None:
                 "g * k, and the flux differs from the unmerged adapter's. Call unmerge_adapter() to measure k'."
             )
     return None
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device of the model's input embeddings (where token ids must go), else of its first parameter."""
+    get_embeddings: Any = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next(model.parameters()).device

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from ..ops import USAGE_MODES, fused_information_flux, usage_distribution
-from .hooks import find_key_modules, merged_gain_warning, model_unchanged, read_keys
+from .hooks import find_key_modules, input_device, merged_gain_warning, model_unchanged, read_keys
 from .inputs import EncodedText, Example, encode_examples
+from .memory import memory_specificity
 from .report import FluxReport, TextFlux
 from .tokens import classify_tokens, token_strings
 
@@ -47,15 +48,6 @@ def surprisal_from_logits(logits: torch.Tensor, token_ids: torch.Tensor) -> torc
         picked = rows.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         out[start + 1 : stop + 1] = torch.logsumexp(rows, dim=-1) - picked
     return out
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    get_embeddings: Any = getattr(model, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
-    weight = getattr(embeddings, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return weight.device
-    return next(model.parameters()).device
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -115,13 +107,11 @@ def measure_flux(
     if note:
         warnings.warn(note, UserWarning, stacklevel=2)
     name = model_name or _default_name(model)
-    device = _input_device(model)
+    device = input_device(model)
     pad_id = _pad_id(tokenizer)
     entropy: list[torch.Tensor] | None = None
     memory_entropy: list[float] | None = None
     if specificity:
-        from .memory import memory_specificity  # memory.py imports this module
-
         spec = memory_specificity(model, target_modules=target_modules)
         entropy, memory_entropy = spec.entropy, spec.layer_means()
 

@@ -33,9 +33,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .hooks import _inner_model, find_key_modules, model_unchanged, read_keys
+from .hooks import _inner_model, find_key_modules, input_device, model_unchanged, read_keys
 from .inputs import Example, encode_examples
-from .measure import _input_device
 from .tokens import token_strings
 
 if TYPE_CHECKING:
@@ -172,7 +171,7 @@ def memory_readout(
     outer = dict(_inner_model(model).named_modules())[name]
     captured: list[torch.Tensor] = []
     with model_unchanged(model):
-        input_ids = torch.tensor([encoded.token_ids], device=_input_device(model))
+        input_ids = torch.tensor([encoded.token_ids], device=input_device(model))
         with read_keys([(name, hooked)], lambda _i, k: captured.append(k.reshape(-1, k.shape[-1])[position])):
             model(input_ids=input_ids, use_cache=False)
         if not captured:
@@ -249,7 +248,7 @@ def _unembedding(model: nn.Module) -> torch.Tensor:
     get_output: Any = getattr(model, "get_output_embeddings", None)
     head = get_output() if callable(get_output) else None
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor):
+    if not isinstance(head, nn.Module) or not isinstance(weight, torch.Tensor):
         raise ValueError(
             f"{type(_inner_model(model)).__name__} has no output embedding (LM head) weight; memory specificity "
             "needs a causal LM (e.g. AutoModelForCausalLM)"
