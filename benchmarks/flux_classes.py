@@ -75,22 +75,31 @@ def models(runner: efficacy.Runner, args: argparse.Namespace, chosen: dict[str, 
         yield label, model.eval()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_analysis_args(
+    description: str | None, argv: list[str] | None, texts: int, quick_texts: int, seed_help: str
+) -> argparse.Namespace:
+    """Arguments of an analysis of trained adapters: its own options on top of the efficacy benchmark's settings.
+
+    The efficacy settings (data, LoRA, steps, ...) are those whose cached adapters the analysis reuses.
+    """
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--texts", type=int, default=80, help="held-out texts (test documents of the ID tasks)")
-    p.add_argument("--seed", type=int, default=0, help="the efficacy seed whose adapters are compared")
+    p.add_argument("--texts", type=int, default=texts, help="held-out texts (test documents of the ID tasks)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--quick", action="store_true")
     args, rest = p.parse_known_args(argv)
-    # the efficacy benchmark's settings (data, LoRA, steps, ...), so that its cached adapters are the ones used
     eff = efficacy.parse_args(["--model", args.model, *(["--quick"] if args.quick else []), *rest])
     for key, value in vars(args).items():
         setattr(eff, key, value)
     if args.quick:
-        eff.texts, eff.n_boot = 4, 50
+        eff.texts, eff.n_boot = quick_texts, 50
     eff.name_out = ("quick-" if args.quick else "") + eff.name.removeprefix("quick-")
     return eff
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse_analysis_args(__doc__, argv, 80, 4, "the efficacy seed whose adapters are compared")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,21 +54,8 @@ def models(runner: efficacy.Runner, args: argparse.Namespace):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--texts", type=int, default=100, help="held-out texts (test documents of the ID tasks)")
-    p.add_argument("--seed", type=int, default=0, help="training seed (LoRA init and data order)")
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--quick", action="store_true")
-    args, rest = p.parse_known_args(argv)
-    # the efficacy benchmark's settings (data, LoRA, steps, ...), so that a cached SFT adapter of it is reused
-    eff = efficacy.parse_args(["--model", args.model, *(["--quick"] if args.quick else []), *rest])
-    for key, value in vars(args).items():
-        setattr(eff, key, value)
-    if args.quick:
-        eff.texts, eff.n_boot = 6, 50
-    eff.name_out = ("quick-" if args.quick else "") + eff.name.removeprefix("quick-")
-    return eff
+    # the efficacy benchmark's settings, so that a cached SFT adapter of it is reused
+    return flux_classes.parse_analysis_args(__doc__, argv, 100, 6, "training seed (LoRA init and data order)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -341,7 +341,7 @@ def test_the_regularizer_in_a_users_compiled_graph_keeps_nothing_of_key_size():
             flux, valid = ops.fused_information_flux(k)
             stats = torch.stack([(flux.detach() * valid).sum(), valid.float().sum()])
             weights, coefficient = torch.full((64,), 1 / 64), torch.tensor(-1.0)
-            k, carrier = _AttachFlux.apply(k, flux, stats, torch.zeros(2), weights, coefficient, None)
+            k, carrier = _AttachFlux.apply(k, flux, stats, torch.zeros(2), weights, coefficient, None, 1.0)
         out = (k @ w_down.T + k @ lora_a.T @ torch.ones(4, 32)).square()
         return out + carrier.sum() * 0 if regularize else out  # the carrier's gradient reaches the attach node
 
