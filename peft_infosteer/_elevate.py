@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Elevate", "elevate_count", "elevate_reference"]
+__all__ = ["Elevate", "elevate_count", "elevate_forward", "elevate_reference"]
 
 
 def elevate_count(fraction: float, d: int) -> int:
@@ -52,15 +52,28 @@ def _signs(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(torch.float32)
 
 
+def elevate_forward(
+    k: torch.Tensor, m: int, scale: float, by_value: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The elevated keys, the selected indices and the original values there (what the backward keeps).
+
+    Also the whole computation when no gradient is needed (generation): a handful of kernels and no autograd node,
+    since at one token per call their count, not their arithmetic, is the cost.
+    """
+    index, mean = _select(k, m, by_value)
+    picked = k.gather(-1, index)
+    new = (scale * mean).to(k.dtype)
+    if not by_value:  # each replaced coefficient keeps its own sign; the sign of 0 counts as +
+        new = torch.where(picked >= 0, new, -new)
+    return k.scatter(-1, index, new.expand_as(picked)), index, picked
+
+
 class Elevate(torch.autograd.Function):
     """``elevate`` forward and closed-form backward (see the module docstring); ``apply(k, m, scale, by_value)``."""
 
     @staticmethod
     def forward(ctx: Any, k: torch.Tensor, m: int, scale: float, by_value: bool) -> torch.Tensor:
-        index, mean = _select(k, m, by_value)
-        picked = k.gather(-1, index)
-        new = scale * mean if by_value else scale * mean * _signs(picked)
-        out = k.scatter(-1, index, new.to(k.dtype).expand_as(picked))
+        out, index, picked = elevate_forward(k, m, scale, by_value)
         ctx.save_for_backward(out, index, picked)
         ctx.scale, ctx.by_value = scale, by_value
         return out
@@ -79,7 +92,7 @@ class Elevate(torch.autograd.Function):
         share = (ctx.scale / d) * (grad_picked * _signs(picked)).sum(-1, keepdim=True)
         # sign(k) = sign(k') outside the selection; a replaced entry gets only its share, signed by its original
         # (0 stays 0, as |k|'s gradient)
-        grad = torch.sign(out).to(grad_out.dtype).mul_(share.to(grad_out.dtype)).add_(grad_out)
+        grad = torch.addcmul(grad_out, torch.sign(out).to(grad_out.dtype), share.to(grad_out.dtype))
         return grad.scatter_(-1, index, (share * torch.sign(picked.to(wide))).to(grad.dtype)), None, None, None
 
 

@@ -35,6 +35,23 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _validate_lora(lora: LoraConfig) -> None:
+    """Check what PEFT's LoRA layers check only when they are created (a saved ``lora.r = "two"`` loads as a
+    LoraConfig and fails later, inside the injection), so that a broken nested LoRA config is refused up front."""
+    r = lora.r
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"InfoSteerConfig.lora: r must be a positive integer, got {r!r}")
+    if not _is_number(lora.lora_alpha) or not math.isfinite(lora.lora_alpha):
+        raise ValueError(f"InfoSteerConfig.lora: lora_alpha must be a finite number, got {lora.lora_alpha!r}")
+    if not _is_number(lora.lora_dropout) or not 0 <= lora.lora_dropout <= 1:
+        raise ValueError(f"InfoSteerConfig.lora: lora_dropout must be a number in [0, 1], got {lora.lora_dropout!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(lora, name, None) or {}
+        bad = {k: v for k, v in pattern.items() if not _is_number(v) or (name == "rank_pattern" and v != int(v))}
+        if bad:
+            raise ValueError(f"InfoSteerConfig.lora: {name} values must be numbers (ranks: integers), got {bad!r}")
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, set):
         return sorted(value)
@@ -298,12 +315,29 @@ class InfoSteerConfig(PeftConfig):
             raise ValueError(
                 f"lora must be a peft.LoraConfig (or its dict form) or None, got {type(self.lora).__name__}"
             )
+        if isinstance(self.lora, LoraConfig):
+            _validate_lora(self.lora)
+        self._validate_layers()
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is only used together with layers_to_transform; set both or neither")
         if self.target_modules is not None and not isinstance(self.target_modules, (str, set, list, tuple)):
             raise ValueError(
                 f"target_modules must be a list of module names, a regex string or None, got {self.target_modules!r}"
             )
+
+    def _validate_layers(self) -> None:
+        layers = self.layers_to_transform
+        items = layers if isinstance(layers, list) else [layers]
+        if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+            # PEFT compares indices with `==` / `in`: a string or float index would match no layer, silently
+            raise ValueError(
+                "layers_to_transform must be a layer index (an int >= 0), a list of them, or None, got "
+                f"{layers!r}: e.g. layers_to_transform=[0, 1]"
+            )
+        pattern = self.layers_pattern
+        patterns = pattern if isinstance(pattern, list) else [pattern]
+        if pattern is not None and not all(isinstance(p, str) for p in patterns):
+            raise ValueError(f"layers_pattern must be a string, a list of strings, or None, got {pattern!r}")
 
     def _validate_elevate(self) -> None:
         if self.intervention != "elevate":

@@ -216,9 +216,9 @@ class InfoSteerLayer(BaseTunerLayer):
         """The module's training flag (``model.train()`` / ``model.eval()``): where a training-only 'elevate' acts."""
         return bool(getattr(self, "training", False))
 
-    def steer(self, k: torch.Tensor) -> torch.Tensor:
-        """Apply the interventions of the active adapters that are not merged to the key coefficients ``k``."""
-        for name in self._unmerged_active():
+    def steer(self, k: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """Apply the interventions of the active adapters that are not merged (or of ``adapter_names``) to ``k``."""
+        for name in self._unmerged_active() if adapter_names is None else adapter_names:
             settings = self.infosteer_settings[name]
             if settings.intervention == "gain":
                 gain = self.infosteer_gain[name]
@@ -260,7 +260,7 @@ class Linear(nn.Module, InfoSteerLayer):
         unmerged = self._unmerged_active()
         if not unmerged:  # nothing to steer, or merged gains: the keys seen here are not what the weights see
             return self.base_layer(x, *args, **kwargs)
-        x = self.steer(x)
+        x = self.steer(x, unmerged)
         settings = self.infosteer_settings[unmerged[0]]
         if self.flux_tracker is not None and not self.merged:
             x = self.flux_tracker.track(x, settings.usage, settings.usage_temperature)

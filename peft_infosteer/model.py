@@ -62,6 +62,40 @@ def _peft_config_hidden(model: nn.Module) -> Iterator[None]:
             model.__dict__["peft_config"] = saved
 
 
+def _shown(targets: Any) -> str:
+    return repr(sorted(targets)) if isinstance(targets, (set, list, tuple)) else repr(targets)
+
+
+def _check_encoder_not_targeted(model: nn.Module, config: InfoSteerConfig) -> None:
+    """Refuse steering modules in the encoder of an encoder-decoder model, before anything is injected.
+
+    The tokens that count are those of the task loss: the decoder's labels (unshifted). They do not line up with the
+    encoder's positions, so an encoder layer cannot be regularized or measured by them.
+    """
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return
+    get_encoder = getattr(model, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) else None
+    if not isinstance(encoder, nn.Module):
+        return
+    in_encoder = {id(m) for m in encoder.modules()}
+    hits = [
+        name
+        for name, module in model.named_modules()
+        if id(module) in in_encoder and BaseTuner._check_target_module_exists(config, name)
+    ]
+    if not hits:
+        return
+    leaf = hits[0].rsplit(".", 1)[-1]
+    shown = ", ".join(hits[:3]) + (f" (and {len(hits) - 3} more)" if len(hits) > 3 else "")
+    raise ValueError(
+        f"InfoSteer steers only the decoder of an encoder-decoder model ({type(model).__name__}), but "
+        f"target_modules={_shown(config.target_modules)} matches encoder modules: {shown}. The tokens that count are "
+        "those of the task loss, the decoder's labels, which do not line up with the encoder's positions. Restrict "
+        f'target_modules to the decoder, e.g. target_modules=r".*decoder\\..*\\.{leaf}".'
+    )
+
+
 class _LoraInjector(LoraModel):
     """PEFT's own ``LoraModel``, used only to inject the LoRA layers of one InfoSteer adapter.
 
@@ -141,6 +175,7 @@ class InfoSteerModel(BaseTuner):
     def _sync_tracker(self) -> None:
         """Point the tracker at the active adapter's regularizer weight (after injection, activation, deletion)."""
         self.__dict__.pop("_steering_layers_cache", None)
+        self.__dict__["_infosteer_label_layout"] = self._label_layout()
         targets: dict[str, FluxTarget] = self.__dict__.setdefault("_flux_targets", {})
         for name in [n for n in targets if n not in self.peft_config]:
             targets.pop(name).close()
@@ -164,6 +199,17 @@ class InfoSteerModel(BaseTuner):
             return
         weight = float(config.entropy_weight) if isinstance(config, InfoSteerConfig) else 0.0
         self.flux_tracker.set_weight(weight, regularizing=weight > 0)
+
+    def _label_layout(self) -> str:
+        """How this model's ``labels`` line up with the positions of the steered layers (``regularizer.token_mask``)."""
+        model_config = getattr(self.model, "config", None)
+        if getattr(model_config, "is_encoder_decoder", False):
+            return "seq2seq"  # only decoder layers are steered (_check_encoder_not_targeted)
+        config = self.peft_config.get(self.active_adapters[0]) if self.active_adapters else None
+        token_cls = type(self.model).__name__.endswith("ForTokenClassification")
+        if token_cls or getattr(config, "task_type", None) == "TOKEN_CLS":
+            return "token"  # one label per position, unshifted
+        return "causal"
 
     # ---- injection -------------------------------------------------------------------------------------------
 
@@ -189,6 +235,7 @@ class InfoSteerModel(BaseTuner):
         config = _infosteer(self.peft_config[adapter_name])
         # resolve the default targets first: an unknown architecture must fail before LoRA touches the model
         self._prepare_adapter_config(config, self.get_model_config(model))
+        _check_encoder_not_targeted(model, config)
         part = "The LoRA stacked in this InfoSteer adapter"
         try:  # PEFT's bare "target modules not found" becomes an error that says what went wrong
             if isinstance(config.lora, LoraConfig):  # InfoSteerConfig turns the dict form into a LoraConfig
@@ -209,6 +256,8 @@ class InfoSteerModel(BaseTuner):
                 model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
                 model.register_forward_hook(self._finish_forward),
             )
+        if not config.inference_mode:
+            self._warn_unsteered_layers(adapter_name, config)
         if not config.inference_mode and not self._has_trainable_parameters(adapter_name):
             warnings.warn(
                 f"InfoSteer adapter {adapter_name!r} has nothing to train (intervention={config.intervention!r} and "
@@ -217,6 +266,47 @@ class InfoSteerModel(BaseTuner):
                 "intervention='gain'.",
                 UserWarning,
                 stacklevel=2,
+            )
+
+    def _warn_unsteered_layers(self, adapter_name: str, config: InfoSteerConfig) -> None:
+        """Warn when a layer stack is steered in some layers while its mixture-of-experts layers are left out.
+
+        The case in mind: a MoE model with dense layers (Qwen3-MoE's ``mlp_only_layers``), where ``mlp.down_proj``
+        exists in the dense layers only; the experts are fused parameters InfoSteer cannot wrap. A deliberate choice of
+        layers (``layers_to_transform``) silences it.
+        """
+        if config.layers_to_transform is not None:
+            return
+        steered = [
+            name
+            for name, module in self.model.named_modules()
+            if isinstance(module, InfoSteerLayer) and adapter_name in module.infosteer_settings
+        ]
+        for list_name, layers in self.model.named_modules():
+            if not isinstance(layers, nn.ModuleList) or len({type(layer) for layer in layers}) != 1:
+                continue  # only a stack of identical decoder layers, not e.g. T5's [attention, cross, FFN]
+            hit = {i for i in range(len(layers)) if any(n.startswith(f"{list_name}.{i}.") for n in steered)}
+            if not hit:
+                continue
+            experts = [
+                f"{list_name}.{i}.{name} ({type(module).__name__})"
+                for i in range(len(layers))
+                if i not in hit
+                for name, module in layers[i].named_modules()
+                if name.rsplit(".", 1)[-1] == "experts"
+            ]
+            if not experts:
+                continue
+            missed = sorted({int(e[len(list_name) + 1 :].split(".", 1)[0]) for e in experts})
+            shown = ", ".join(experts[:3]) + (f" (and {len(experts) - 3} more)" if len(experts) > 3 else "")
+            warnings.warn(
+                f"InfoSteer adapter {adapter_name!r} steers {len(hit)} of the {len(layers)} layers of {list_name}; "
+                f"the mixture-of-experts layers {missed} stay unsteered: their experts ({shown}) are fused "
+                f"parameters, which target_modules={_shown(config.target_modules)} does not reach and InfoSteer cannot "
+                f"wrap. If that is intended, say so with layers_to_transform={sorted(hit)}, which silences this "
+                "warning.",
+                UserWarning,
+                stacklevel=3,
             )
 
     def _convert_legacy_lambda(self, adapter_name: str, config: InfoSteerConfig) -> None:
@@ -331,7 +421,8 @@ class InfoSteerModel(BaseTuner):
         layers = len(steering)
         tracker.flux_scale = sum(math.log(layer.in_features) if layer.in_features > 1 else 1.0 for layer in steering)
         device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        tracker.begin(kwargs, with_grad=with_grad, regularizing_layers=layers, device=device)
+        layout = self.__dict__.get("_infosteer_label_layout", "causal")
+        tracker.begin(kwargs, with_grad=with_grad, regularizing_layers=layers, device=device, layout=layout)
 
     def _finish_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
         return self.flux_tracker.finish(output)
@@ -376,6 +467,15 @@ class InfoSteerModel(BaseTuner):
         )
         self.active_adapter = new_adapter or []
         self._sync_tracker()
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported: PEFT's ``add_weighted_adapter`` combines LoRA adapters, not InfoSteer ones."""
+        raise NotImplementedError(
+            "add_weighted_adapter is not supported for InfoSteer adapters: it combines LoRA weight updates, and an "
+            "InfoSteer adapter's intervention (gains, elevate, flatten) is not a weighted sum of such updates. To "
+            "combine adapters, merge a mergeable one into the weights (merge_and_unload()) and load the next onto "
+            "the merged model, or train one adapter on the combined data."
+        )
 
     # ---- merging ---------------------------------------------------------------------------------------------
 

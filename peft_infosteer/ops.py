@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from ._closed_form import Flatten, FusedFlux, Gain, entropy_terms, flatten_backward, flux_backward, log_d
-from ._elevate import Elevate, elevate_count
+from ._elevate import Elevate, elevate_count, elevate_forward
 
 __all__ = [
     "USAGE_MODES",
@@ -321,7 +321,10 @@ def elevate_keys(k: torch.Tensor, fraction: float, scale: float, rank: str = "ma
         raise ValueError(f"elevate_rank must be 'magnitude' or 'value', got {rank!r}")
     if k.shape[-1] == 0:
         raise ValueError("the key vector k must have at least one coefficient (d_ff > 0)")
-    return Elevate.apply(k, elevate_count(fraction, k.shape[-1]), float(scale), rank == "value")
+    m, by_value = elevate_count(fraction, k.shape[-1]), rank == "value"
+    if not (k.requires_grad and torch.is_grad_enabled()):  # generation: no autograd node to build
+        return elevate_forward(k, m, float(scale), by_value)[0]
+    return Elevate.apply(k, m, float(scale), by_value)
 
 
 def flatten_keys(k: torch.Tensor, strength: float) -> torch.Tensor:

@@ -1,19 +1,24 @@
-"""Trainer integration: InfoSteer's metrics and model card. The regularizer itself needs no trainer code.
+"""Trainer integration: InfoSteer's metrics, model card, and the normalisation of the regularizer under any loss.
 
 Any ``transformers.Trainer`` or TRL trainer trains an InfoSteer adapter's regularizer as it is (it acts in the
-backward pass, see :mod:`peft_infosteer.regularizer`). What a trainer integration adds:
+backward pass, see :mod:`peft_infosteer.regularizer`), exactly for a mean NLL. What a trainer integration adds:
 
 - :class:`InfoSteerCallback`: logs ``infosteer/flux`` (mean flux over the logging interval and all ranks) and
   ``infosteer/loss`` (the regularizer's value ``-entropy_weight * sum over layers of H``, ``H = flux * log d_ff``)
   beside the trainer's own metrics, in train and eval. One line for any trainer: ``InfoSteerCallback.attach(trainer)``.
+  Attached, it also tells the model how the trainer's ``compute_loss`` normalises its loss and which tokens it uses
+  (a :class:`~peft_infosteer.regularizer.LossPlan`), so that lambda means the same under weighted losses (DFT, label
+  smoothing, ``compute_loss_func``, DPO, GRPO) as under the NLL.
 - :class:`InfoSteerSFTTrainer`: ``trl.SFTTrainer`` with that callback, the InfoSteer section in the model card it
   writes, and ``resume_from_checkpoint=True`` that skips a checkpoint whose save was interrupted.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,6 +30,7 @@ from .checkpoints import last_complete_checkpoint
 from .hub import update_model_card
 from .loss import find_infosteer_model
 from .model import InfoSteerModel
+from .regularizer import LossPlan
 
 __all__ = [
     "InfoSteerCallback",
@@ -62,27 +68,31 @@ class InfoSteerCallback(TrainerCallback, ExportableState):
     >>> # trainer = DPOTrainer(model=model, args=args, train_dataset=ds, peft_config=InfoSteerConfig(...))
     >>> # InfoSteerCallback.attach(trainer)
 
-    With a trainer it measures the flux of evaluation forwards too (forwards without grad measure only when asked).
+    It measures while the trainer trains and, when attached with :meth:`attach`, while it evaluates (``evaluate``,
+    ``predict``); afterwards the model's forwards without grad (``generate``) measure only when asked (``track_flux``).
     """
 
     @classmethod
     def attach(cls, trainer: Any) -> InfoSteerCallback:
-        """Add a new callback first in ``trainer``'s callbacks, so that every reporter sees the metrics."""
+        """Add a new callback first in ``trainer``'s callbacks, so that every reporter sees the metrics.
+
+        It also makes ``trainer``'s evaluation loop (``evaluate``, ``predict``) measure the flux of its forwards.
+        Measuring is scoped: after ``train`` or ``evaluate`` the model measures nothing it was not asked to (a later
+        ``generate`` does no flux work). And, for the ``compute_loss`` of ``transformers.Trainer``, TRL's
+        ``SFTTrainer``, ``DPOTrainer`` and ``GRPOTrainer``, it normalises the regularizer like that loss whatever
+        weights the loss gives its tokens, over the loss's own tokens (``_plan_losses``).
+        """
         callback = cls()
         add_callback_first(trainer, callback)
-        tuner = _find_tuner(trainer.model)
-        if tuner is not None:
-            tuner.flux_tracker.measure = True
+        _measure_in_evaluation(trainer)
+        _plan_losses(trainer)
         return callback
-
-    def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        tuner = _find_tuner(model)
-        if tuner is not None:
-            tuner.flux_tracker.measure = True
 
     def __init__(self) -> None:
         self._model: Any = None  # for state(), which the trainer calls without arguments
         self._resumed = False
+        # the tracker whose measuring train() turned on, and its setting before (restored at the end of training)
+        self._measuring: tuple[Any, bool] | None = None
 
     def state(self) -> dict[str, Any]:
         """The flux target's training state (lambda, starting flux), saved with each checkpoint."""
@@ -95,8 +105,17 @@ class InfoSteerCallback(TrainerCallback, ExportableState):
         self._resumed = False
         tuner = _find_tuner(model)
         if tuner is not None:
-            tuner.flux_tracker.measure = True
-            tuner.flux_tracker.take_window(_TRAIN)  # forwards made before training are not part of it
+            tracker = tuner.flux_tracker
+            self._measuring = (tracker, tracker.measure)
+            tracker.measure = True  # training forwards without the regularizer, and evaluations during training
+            tracker.take_window(_TRAIN)  # forwards made before training are not part of it
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # no leftover state: after training, forwards without grad (generate) measure only when asked
+        if self._measuring is not None:
+            tracker, before = self._measuring
+            tracker.measure = before
+            self._measuring = None
 
     def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         # Resuming: the trainer loads trainer_state.json after on_train_begin, so the first step of a resumed run is
@@ -133,10 +152,9 @@ class InfoSteerCallback(TrainerCallback, ExportableState):
             return
         prefix = "eval_" if mode == _EVAL else ""
         flux = flux_sum / count
-        added = {
-            f"{prefix}infosteer/flux": flux,
-            f"{prefix}infosteer/loss": -float(tracker.weight) * tracker.flux_scale * flux,
-        }
+        added = {f"{prefix}infosteer/flux": flux}
+        if tracker.scale_unknown is None:  # the regularizer's value, logged only when it acted with weight lambda
+            added[f"{prefix}infosteer/loss"] = -float(tracker.weight) * tracker.flux_scale * flux + 0.0  # no -0.0
         target = tuner.flux_target
         if target is not None and mode == _TRAIN:
             added["infosteer/lambda"] = target.weight
@@ -146,6 +164,124 @@ class InfoSteerCallback(TrainerCallback, ExportableState):
         # Trainer.log stored a copy of `logs` in the history before calling the callbacks
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(added)
+
+
+def _measure_in_evaluation(trainer: Any) -> None:
+    """Make ``trainer.evaluation_loop`` (behind ``evaluate`` and ``predict``) measure the flux while it runs, and only
+    then: transformers has no callback event at the start of an evaluation."""
+    loop = trainer.evaluation_loop
+    if getattr(loop, "_infosteer_measures", False):
+        return
+
+    @functools.wraps(loop)
+    def evaluation_loop(*args: Any, **kwargs: Any) -> Any:
+        tuner = _find_tuner(trainer.model)
+        if tuner is None:
+            return loop(*args, **kwargs)
+        tracker = tuner.flux_tracker
+        before, tracker.measure = tracker.measure, True
+        try:
+            return loop(*args, **kwargs)
+        finally:
+            tracker.measure = before
+
+    evaluation_loop._infosteer_measures = True  # type: ignore[attr-defined]
+    trainer.evaluation_loop = evaluation_loop
+
+
+# the compute_loss implementations whose normalisation of the task loss is known, by the class that defines them
+_KNOWN_LOSSES = {
+    "transformers.trainer.Trainer": "trainer",
+    "trl.trainer.sft_trainer.SFTTrainer": "sft",
+    "trl.trainer.dpo_trainer.DPOTrainer": "dpo",
+    "trl.trainer.grpo_trainer.GRPOTrainer": "grpo",
+}
+# GRPO loss types normalised by the generation batch's token count; the others are per-micro-batch means
+_GRPO_TOKEN_LOSSES = ("dapo", "cispo", "vespo")
+
+
+def _loss_kind(trainer: Any) -> str | None:
+    for cls in type(trainer).__mro__:
+        if "compute_loss" in vars(cls):
+            return _KNOWN_LOSSES.get(f"{cls.__module__}.{cls.__qualname__}")
+    return None
+
+
+def _loss_plan(kind: str, trainer: Any, inputs: Mapping[str, Any], num_items_in_batch: Any) -> LossPlan | None:
+    """How ``trainer``'s ``compute_loss`` of ``kind`` normalises the loss of ``inputs`` (mirrors TRL 1.x and
+    transformers 5.x); ``None`` for a path that computes the model's own loss, which the model-output probe reads."""
+    args = trainer.args
+    if kind == "dpo":  # a mean over the micro-batch's pairs; Trainer divides it by the accumulation steps
+        return LossPlan("DPOTrainer")
+    if kind == "grpo":
+        # the loss's tokens: the completion tokens (without tool outputs), as in GRPOTrainer._compute_loss
+        completion = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            completion = completion * inputs["tool_mask"]
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        kept = torch.cat([torch.zeros_like(inputs["prompt_mask"]), completion], dim=1)
+        labels = ids.masked_fill(kept == 0, -100)
+        name = f"GRPOTrainer(loss_type={trainer.loss_type!r})"
+        steps = trainer.current_gradient_accumulation_steps
+        if trainer.loss_type in _GRPO_TOKEN_LOSSES:
+            items = torch.as_tensor(inputs["num_items_in_batch"], dtype=torch.float32).clamp_min(1.0)
+            denominator = items / trainer.accelerator.num_processes * steps / args.steps_per_generation
+            return LossPlan(name, labels=labels, override=True, denominator=denominator)
+        # a per-micro-batch mean, divided by the accumulation steps inside compute_loss (like GRPO's entropy bonus)
+        return LossPlan(name, labels=labels, override=True, divisor=float(steps))
+    parallelism = getattr(trainer.accelerator, "parallelism_config", None)
+    if parallelism is not None and getattr(parallelism, "sp_enabled", False):
+        return None  # sequence parallelism: the model's own loss
+    batch_labels = inputs.get("labels")
+    sft_labels = batch_labels if isinstance(batch_labels, torch.Tensor) else None
+    name = f"SFTTrainer(loss_type={args.loss_type!r})" if kind == "sft" else type(trainer).__name__
+    if num_items_in_batch is None:  # a mean over the micro-batch's tokens; Trainer divides it by the steps
+        return LossPlan(name, labels=sft_labels)
+    # a sum over the tokens divided by num_items_in_batch (the window's, over all processes when averaged), then
+    # multiplied by the number of processes that DDP averages over
+    averaged = args.average_tokens_across_devices and (
+        kind == "sft" or trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None
+    )
+    tensor_parallel = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+    processes = trainer.accelerator.num_processes // tensor_parallel if averaged else 1
+    denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32) / processes
+    return LossPlan(name, labels=sft_labels, denominator=denominator)
+
+
+def _plan_losses(trainer: Any) -> None:
+    """Make ``trainer.compute_loss`` tell the tracker how it normalises its loss (a :class:`LossPlan`), so that the
+    regularizer of its forwards is normalised like the task loss whatever weights the loss gives its tokens, and
+    counts the loss's tokens even when the forward gets no labels. Trainers whose ``compute_loss`` is not one of
+    ``_KNOWN_LOSSES`` keep the model-output probes (exact for a mean NLL; other weightings are detected and warned)."""
+    kind = _loss_kind(trainer)
+    compute_loss = trainer.compute_loss
+    if kind is None or getattr(compute_loss, "_infosteer_plans", False):
+        return
+
+    @functools.wraps(compute_loss)
+    def planned_compute_loss(
+        model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None, **kwargs: Any
+    ) -> Any:
+        tuner = _find_tuner(trainer.model)
+        plan = None
+        if tuner is not None and torch.is_grad_enabled() and isinstance(inputs, Mapping):
+            plan = _loss_plan(kind, trainer, inputs, num_items_in_batch)
+        if tuner is None or plan is None:
+            return compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
+            )
+        tracker = tuner.flux_tracker
+        with tracker.planned(plan):
+            result = compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
+            )
+        if return_outputs:
+            loss, outputs = result
+            return tracker.plan_probe(plan, loss), outputs
+        return tracker.plan_probe(plan, result)
+
+    planned_compute_loss._infosteer_plans = True  # type: ignore[attr-defined]
+    trainer.compute_loss = planned_compute_loss
 
 
 def _make_sft_trainer() -> type:
@@ -158,8 +294,10 @@ def _make_sft_trainer() -> type:
         """``trl.SFTTrainer`` with InfoSteer's metrics, model card and safe resuming.
 
         Same arguments as ``SFTTrainer``; pass a base model with ``peft_config=InfoSteerConfig(...)`` or a ready
-        InfoSteer ``PeftModel``. A plain ``SFTTrainer`` trains the regularizer just as well; this class adds the
-        ``infosteer/flux`` and ``infosteer/loss`` metrics (:class:`InfoSteerCallback`) and the model card.
+        InfoSteer ``PeftModel``. A plain ``SFTTrainer`` trains the regularizer just as well under the NLL; this class
+        adds the ``infosteer/flux`` and ``infosteer/loss`` metrics and the normalisation of the regularizer under
+        ``loss_type="dft"``, label smoothing and ``compute_loss_func`` (:meth:`InfoSteerCallback.attach`), and the
+        model card.
 
         >>> from peft_infosteer import InfoSteerConfig, InfoSteerSFTTrainer
         >>> # trainer = InfoSteerSFTTrainer(model=base, train_dataset=ds, args=SFTConfig(...),

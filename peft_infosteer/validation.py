@@ -28,7 +28,7 @@ __all__ = [
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-WEIGHTS_NAMES = (WEIGHTS_NAME, "adapter_model.bin")  # the second one: save_pretrained(safe_serialization=False)
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # save_pretrained(safe_serialization=False): a pickle, refused here
 _SHOWN = 5  # key names listed per problem; the rest are counted
 
 
@@ -92,6 +92,8 @@ def check_adapter_dir(directory: str | os.PathLike) -> None:
     ``PeftModel.from_pretrained`` reads ``adapter_config.json`` in PEFT's own code before any InfoSteer code runs, so
     a truncated config file or a missing weights file fail there with PEFT's less specific messages. This check names
     the file and the problem: use it before serving or merging an adapter, or on a checkpoint of an interrupted run.
+    It validates every config field as loading does (the nested ``lora`` config included) and the safetensors
+    header, and refuses a pickle weights file (``adapter_model.bin``), which cannot be checked without unpickling it.
 
     >>> from peft_infosteer.validation import check_adapter_dir
     >>> # check_adapter_dir("out/checkpoint-200")  # raises FileNotFoundError or ValueError if something is wrong
@@ -109,9 +111,18 @@ def check_adapter_dir(directory: str | os.PathLike) -> None:
     peft_type = _read_json_object(config_file).get("peft_type")
     if peft_type != "INFOSTEER":
         raise ValueError(f"{config_file} describes a {peft_type!r} adapter, not an InfoSteer one")
-    # the registered config class (InfoSteerConfig): every field, unknown keys, the weights file's header
+    # the registered config class (InfoSteerConfig): every field (the nested LoRA config as loading builds it),
+    # unknown keys, the weights file's header
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_pretrained(directory)
-    if not any(os.path.isfile(os.path.join(directory, name)) for name in WEIGHTS_NAMES):
+    pickle_file = os.path.join(directory, PICKLE_WEIGHTS_NAME)
+    if os.path.isfile(pickle_file):
+        # a pickle cannot be checked without unpickling it, and unpickling untrusted files can run code
+        raise ValueError(
+            f"{pickle_file} is a pickle weights file, which this check refuses: it cannot be validated without "
+            "unpickling it. Save the adapter as safetensors (save_pretrained(path), whose default is "
+            "safe_serialization=True) and remove the .bin file."
+        )
+    if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
         raise FileNotFoundError(f"{os.path.join(directory, WEIGHTS_NAME)} is missing: the adapter has no weights")
 
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCH))
 import common  # noqa: E402
 import efficacy  # noqa: E402
 import mc_eval  # noqa: E402
+import paper_protocol  # noqa: E402
 import stats  # noqa: E402
 
 
@@ -339,7 +340,7 @@ def test_flux_classes_quick_compares_trained_adapters_per_token_class(tiny_dir, 
     ).read_text()
 
 
-@pytest.mark.parametrize("module", [common, efficacy, mc_eval, stats], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [common, efficacy, mc_eval, paper_protocol, stats], ids=lambda m: m.__name__)
 def test_benchmark_docstring_examples(module):
     import doctest
 
@@ -361,3 +362,168 @@ def test_flux_classes_texts_follow_the_training_layout():
     assert len(chat) == 2 and chat[0][1] == {"role": "assistant", "content": "because"}
     # the rc text is what training tokenizes for such a tokenizer (common.tokenize_chat_example), answer included
     assert plain[0].endswith("\nAnswer: because") and "Answer:\nAnswer:" not in plain[0]
+
+
+# ---- the paper protocol (issue 22) -------------------------------------------------------------------------------
+
+
+def _docs(task, n, prefix=""):
+    return [{"id": f"{task}/{i}", "query": f"Q{prefix}{i}", "choices": ["a", "b"], "gold": i % 2} for i in range(n)]
+
+
+def test_paper_pools_are_disjoint_and_keep_official_test_splits():
+    pools = paper_protocol.task_pools("boolq", 1, _docs("boolq", 100))
+    ids = {k: {d["id"] for d in pools[k]} for k in ("train", "dev", "test")}
+    assert [len(ids[k]) for k in ("test", "dev", "train")] == [40, 20, 40]
+    assert not (ids["train"] & ids["dev"]) and not (ids["train"] & ids["test"]) and not (ids["dev"] & ids["test"])
+    # ARC-style: the official test split is the test pool (0-shot requests rebuilt), validation gives dev and train
+    val = [
+        d | {"requests": [{"context": d["query"], "continuation": " " + c} for c in d["choices"]]}
+        for d in _docs("arc_easy", 50)
+    ]
+    test = [d | {"requests": [{"context": "5-shot ...", "continuation": " a"}] * 2} for d in _docs("arc_easy", 30, "t")]
+    pools = paper_protocol.task_pools("arc_easy", 1, val, test)
+    assert (len(pools["train"]), len(pools["dev"]), len(pools["test"])) == (40, 10, 30)
+    assert all(d["id"].startswith("arc_easy/test/") and "requests" not in d for d in pools["test"])
+    assert mc_eval.build_items(pools["test"][:1])[0].contexts[0] == pools["test"][0]["query"]
+    assert pools == paper_protocol.task_pools("arc_easy", 1, val, test)  # reproducible
+    bad = [val[0] | {"requests": [{"context": "other", "continuation": " a"}] * 2}]
+    with pytest.raises(ValueError, match="cannot rebuild"):
+        paper_protocol.task_pools("arc_easy", 1, bad, test)
+
+
+def test_paper_mixture_is_balanced_seeded_and_cycles_small_tasks():
+    pools = {"a": _docs("a", 3), "b": _docs("b", 50)}
+    mix = paper_protocol.mixture(pools, 20, seed=0)
+    assert [d["id"].split("/")[0] for d in mix].count("a") == 10 == len(mix) - 10
+    a_ids = [d["id"] for d in mix if d["id"].startswith("a/")]
+    assert sorted(a_ids[:3]) == ["a/0", "a/1", "a/2"] and sorted(a_ids[3:6]) == ["a/0", "a/1", "a/2"]  # whole epochs
+    assert mix == paper_protocol.mixture(pools, 20, seed=0) != paper_protocol.mixture(pools, 20, seed=1)
+
+
+def test_paper_examples_train_on_the_scored_gold_continuation():
+    from tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    # WinoGrande-style: the choice is in the context, both choices share the continuation
+    doc = {
+        "query": "c",
+        "choices": ["x", "x"],
+        "gold": 1,
+        "requests": [
+            {"context": "What is 1", "continuation": " plus 1"},
+            {"context": "What is 2", "continuation": " plus 2"},
+        ],
+    }
+    ex = paper_protocol.tokenize_example(tok, doc, "rc", max_length=64)
+    cont = tok(" plus 2", add_special_tokens=False).input_ids
+    ctx = tok("What is 2", add_special_tokens=False).input_ids
+    assert ex["input_ids"][-len(cont) :] == cont and ex["labels"] == [-100] * (len(ex["input_ids"]) - len(cont)) + cont
+    assert ex["input_ids"][-len(cont) - len(ctx) : -len(cont)] == ctx
+    chat = paper_protocol.tokenize_example(tok, doc, "chat", max_length=64)
+    answer = tok("plus 2", add_special_tokens=False).input_ids
+    assert [t for t in chat["labels"] if t != -100][: len(answer)] == answer
+
+
+def test_paper_control_negates_lambda_on_the_model_only():
+    """lambda = -0.01 (the paper's control): built with +|lambda|, the tracker's sign flipped; the regularizer's
+    gradient is then exactly the negative of +|lambda|'s, and the public config still refuses a negative lambda."""
+    from tiny_models import tiny_model
+
+    import peft_infosteer
+    from peft_infosteer import InfoSteerConfig
+
+    args = SimpleNamespace(lora_r=2, lora_alpha=4, lora_targets="all-linear")
+    batch = {"input_ids": torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))}
+    batch["labels"] = batch["input_ids"].clone()
+
+    def grads(weight):
+        params = {} if weight is None else {"intervention": "none", "entropy_weight": weight}
+        model = paper_protocol.build_model(tiny_model("llama"), params, args, seed=0).train()
+        model(**batch).loss.backward()
+        # LoRA B starts at 0, so only B has a gradient at init; A is where the seeded init shows
+        lora = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if "lora_" in n}
+        sign = None if weight is None else paper_protocol.regularizer_sign(model)
+        value = None if weight is None else float(peft_infosteer.infosteer_loss(model))
+        return (
+            {n: p.grad.clone() for n, p in sorted(lora.items())},
+            {n: p.detach() for n, p in lora.items()},
+            sign,
+            value,
+        )
+
+    g_sft, init_sft, _, _ = grads(None)
+    g0, init0, _, _ = grads(0.0)
+    gp, _, sign_p, value_p = grads(1.0)
+    gn, _, sign_n, value_n = grads(-1.0)
+    assert all(torch.equal(init_sft[n], init0[n]) for n in init0)  # the same LoRA init for every method at a seed
+    assert all(torch.allclose(g_sft[n], g0[n], atol=1e-6) for n in g0)
+    assert (sign_p, sign_n) == (1.0, -1.0) and value_p < 0 < value_n and value_n == pytest.approx(-value_p)
+    reg_p = {n: gp[n] - g0[n] for n in g0}
+    assert max(float(r.abs().max()) for r in reg_p.values()) > 1e-5  # the regularizer does move the gradient
+    for n in g0:
+        torch.testing.assert_close(gn[n] - g0[n], -reg_p[n], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="entropy_weight"):
+        InfoSteerConfig(entropy_weight=-0.01)
+
+
+def test_paper_default_rule_and_test_choice():
+    scores = {"a": {"sft": 0.5, "elevate-p1-a2": 0.52, "lambda-0.05": 0.6, "lambda-neg0.01": 0.9}}
+    scores["b"] = {"sft": 0.5, "elevate-p1-a2": 0.5, "lambda-0.05": 0.49, "lambda-neg0.01": 0.9}
+    rule = paper_protocol.choose_default(scores)
+    assert rule["default"] == "elevate-p1-a2"  # lambda-0.05 is better on average but below SFT on model b
+    assert {r["method"]: r["eligible"] for r in rule["table"]}["lambda-0.05"] is False
+    scores["b"]["elevate-p1-a2"] = 0.49
+    assert paper_protocol.choose_default(scores)["default"] == paper_protocol.PAPER_DEFAULT
+    # the control is never a candidate for the test stage
+    assert paper_protocol.choose_test_methods(scores["a"]) == ["lambda-0.05", "elevate-p1-a2"]
+
+
+@pytest.mark.slow
+def test_paper_protocol_quick_runs_every_stage_and_resumes(tiny_dir, tmp_path):
+    cmd = [
+        sys.executable,
+        str(BENCH / "paper_protocol.py"),
+        "--quick",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(tmp_path),
+    ]
+    cmd += ["--name", "q", "--threads", "1", "--quiet"]
+    proc = subprocess.run([*cmd, "--stage", "all"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "q"
+    dev, test, default = (json.loads((out / f"{s}.json").read_text()) for s in paper_protocol.STAGES)
+    assert dev["status"] == test["status"] == default["status"] == "complete"
+    assert set(dev["summary"]["methods"]) == set(paper_protocol.METHODS) - {"base"}
+    assert dev["projected_test_size"]["methods"].keys() == set(paper_protocol.INFOSTEER_METHODS)
+    chosen = paper_protocol.choose_test_methods(paper_protocol.dev_means(out / "runs" / "dev"))
+    assert set(test["summary"]["methods"]) == {"sft", *chosen}
+    assert set(test["summary"]["groups"]["OOD"]) == {"sciq", "csqa"} and "sft_beats_base_mean_ID" in test
+    assert default["rule"]["default"] in (*paper_protocol.PAPER_SETTINGS, paper_protocol.PAPER_DEFAULT)
+    assert "half_width_target_met" in default and (out / "default.md").is_file()
+    # the control trained with the regularizer's sign flipped: its logged value is positive, lambda = 0.01's negative
+    runs = out / "runs" / "dev"
+    reg = {
+        m: json.loads((runs / f"{m}-seed0.json").read_text())["train"]["log"][0]["reg"]
+        for m in ("lambda-0.01", "lambda-neg0.01")
+    }
+    assert reg["lambda-0.01"] < 0 < reg["lambda-neg0.01"]
+    # the test stage reused the dev stage's seed-0 trainings; every training saw the same balanced mixture
+    assert json.loads((out / "runs" / "test" / "sft-seed0.json").read_text())["train"]["reused_from"].startswith(
+        "sft-seed0-"
+    )
+    per_task = json.loads((runs / "sft-seed0.json").read_text())["train"]["examples_per_task"]
+    assert set(per_task) == set(paper_protocol.TRAIN_TASKS) and len(set(per_task.values())) == 1
+    # resuming: --plan finds nothing left and only reads the cache
+    cached = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+    plan = subprocess.run([*cmd, "--plan"], capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert plan.stdout.count("0 runs remain") == 3 and "s per training step" in plan.stdout
+    assert cached == {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+    # the time probe prints an estimate for every stage of a fresh grid
+    probe = subprocess.run([*cmd, "--name", "fresh", "--time-probe"], capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert all(f"stage {s}:" in probe.stdout for s in paper_protocol.STAGES) and " h (" in probe.stdout
+    assert json.loads((tmp_path / "fresh" / "time_probe.json").read_text())["train_s_per_step"] > 0

@@ -245,6 +245,21 @@ def test_scale_zero_prunes_the_bottom_and_passes_no_gradient_there():
     assert torch.equal(k.grad, (~replaced).float())
 
 
+@pytest.mark.parametrize("rank", ["magnitude", "value"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_gradients_the_forward_is_the_same_and_builds_no_node(rank, dtype):
+    k = torch.cat([_distinct(3, 64, seed=9), torch.tensor([[0.0, -0.0] + [1.0] * 62])]).to(dtype)
+    with_node = elevate_keys(k.clone().requires_grad_(True), 0.05, 2.0, rank)
+    assert with_node.grad_fn is not None
+    with torch.no_grad():
+        generated = elevate_keys(k.clone().requires_grad_(True), 0.05, 2.0, rank)
+    plain = elevate_keys(k, 0.05, 2.0, rank)  # no input that needs a gradient
+    assert generated.grad_fn is None and plain.grad_fn is None
+    assert torch.equal(generated, with_node.detach()) and torch.equal(plain, with_node.detach())
+    if rank == "magnitude":  # -0.0 and 0.0 are both set to +alpha * mean|k|
+        assert torch.all(plain[3, :2] > 0)
+
+
 def test_any_leading_shape_and_an_empty_batch():
     for shape in ((64,), (0, 5, 64), (2, 3, 4, 64)):
         k = torch.randn(shape, requires_grad=True)

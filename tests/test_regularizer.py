@@ -240,6 +240,19 @@ def test_reentrant_checkpointing_with_two_forwards_before_backward_warns():
     first.backward()
 
 
+@pytest.mark.parametrize("checkpointing", [None, False, True], ids=["no-checkpointing", "non-reentrant", "reentrant"])
+def test_without_regularizer_checkpointing_measures_alike_and_warns_nothing(checkpointing, recwarn):
+    # lambda = 0 (a pure intervention): a reentrant checkpoint's grad-less first run is where the flux is measured;
+    # nothing runs again in the backward, so nothing is out of order between forwards
+    model = build(0.0, checkpointing)
+    _, want = forward_with_plain_flux(build(0.0), BATCH)
+    with peft_infosteer.track_flux(model):
+        for _ in range(2):
+            model(**BATCH).loss.backward()
+            assert peft_infosteer.last_flux(model) == pytest.approx(float(want), rel=1e-5)
+    assert not [w for w in recwarn if "InfoSteer" in str(w.message)]
+
+
 def test_layer_count_follows_the_active_layers():
     # steering only two of three layers: the sum is over those two
     model = build(LAMBDA, layers_to_transform=[0, 2], lora=LoraConfig(r=2, target_modules=["up_proj"]))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -203,9 +204,13 @@ def test_plain_sft_trainer_trains_the_regularizer_like_the_infosteer_trainer(tmp
     assert _regularizer_share(tmp_path, SFTTrainer, plain) > 1e-3
 
 
-def test_dft_loss_trains_the_regularizer(tmp_path):
-    # lambda 60: about 500 in the units before 0.2.0 (DFT weighs each token by its probability, a small gradient)
-    updates = {w: _one_step_update(tmp_path, SFTTrainer, batch=4, accum=1, weight=w, loss_type="dft") for w in (0, 60)}
+def test_dft_loss_without_the_integration_trains_the_regularizer_and_warns(tmp_path):
+    # a plain SFTTrainer: the probes see DFT's unequal token weights and say so (tests/test_loss_weights.py checks the
+    # exact normalisation with the integration); lambda 60 because DFT's probability weights shrink the gradient
+    updates = {}
+    for w in (0, 60):
+        with pytest.warns(UserWarning, match="Attach the trainer integration") if w else contextlib.nullcontext():
+            updates[w] = _one_step_update(tmp_path, SFTTrainer, batch=4, accum=1, weight=w, loss_type="dft")
     assert max((updates[60][k] - updates[0][k]).abs().max().item() for k in updates[0] if "gain" in k) > 1e-4
 
 
@@ -390,3 +395,52 @@ def test_trainer_model_card_keeps_the_loading_note(tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "pip install peft-infosteer" in card and "import peft_infosteer" in card
     assert "infosteer" in card and "trl" in card  # both TRL's and InfoSteer's tags
+
+
+# ---- no leftover state; a pure intervention under gradient checkpointing -------------------------------------------
+
+
+def test_no_flux_work_in_generate_after_train_and_evaluate(tmp_path, monkeypatch):
+    calls = []
+    original = peft_infosteer.regularizer.fused_information_flux
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(peft_infosteer.regularizer, "fused_information_flux", counting)
+    trainer = _trainer(
+        InfoSteerSFTTrainer, tmp_path, args=_sft_args(tmp_path, eval_strategy="steps", eval_steps=1),
+        eval_dataset=_dataset(4),
+    )  # fmt: skip
+    trainer.train()
+    assert calls and any("eval_infosteer/flux" in h for h in trainer.state.log_history)
+    assert 0.0 < trainer.evaluate()["eval_infosteer/flux"] <= 1.0  # a standalone evaluation still measures
+    model = trainer.model.eval()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    calls.clear()
+    model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert calls == []  # after train and evaluate, generate() does no flux work ...
+    with peft_infosteer.track_flux(model):
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert calls  # ... unless asked
+    assert not peft_infosteer.find_infosteer_model(model).flux_tracker.measure
+
+
+def test_pure_intervention_with_checkpointing_logs_alike_and_warns_nothing(tmp_path, recwarn):
+    # entropy_weight = 0 (the default elevate config): the flux is measured and logged, lambda = 0 logs a plain 0.0
+    logged = {}
+    for reentrant in (False, True):
+        args = _sft_args(
+            tmp_path / str(reentrant), gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+        )  # fmt: skip
+        config = _config(intervention="elevate", entropy_weight=0.0)
+        trainer = _trainer(InfoSteerSFTTrainer, tmp_path, args=args, model=_model(), peft_config=config)
+        trainer.train()
+        logged[reentrant] = [h for h in trainer.state.log_history if "infosteer/flux" in h]
+    assert len(logged[False]) == len(logged[True]) == 2
+    for plain, reentrant in zip(logged[False], logged[True], strict=True):
+        assert reentrant["infosteer/flux"] == pytest.approx(plain["infosteer/flux"], rel=1e-5)
+        assert reentrant["infosteer/loss"] == 0.0 and math.copysign(1.0, reentrant["infosteer/loss"]) == 1.0
+    assert not [w for w in recwarn if "InfoSteer" in str(w.message)]

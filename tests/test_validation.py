@@ -31,6 +31,10 @@ BAD_VALUES = [
     ("flatten_strength", -0.2, r"flatten_strength must be a number in \[0, 1\]"),
     ("usage_temperature", 0.0, r"usage_temperature must be a finite number > 0"),
     ("lora", 8, r"lora must be a peft.LoraConfig"),
+    # PEFT would steer layer 0 only ([0, "1"]) or fail inside its matching with a TypeError ("0", 1.5)
+    ("layers_to_transform", [0, "1"], r"layers_to_transform must be a layer index .* got \[0, '1'\]"),
+    ("layers_to_transform", "0", r"layers_to_transform must be a layer index .* got '0'"),
+    ("layers_to_transform", 1.5, r"layers_to_transform must be a layer index .* got 1.5"),
 ]
 
 
@@ -76,6 +80,62 @@ def test_lora_entry_of_another_method_in_adapter_config_json(tmp_path):
     _edit_config(path, lora={"peft_type": "IA3", "target_modules": ["down_proj"]})
     with pytest.raises(ValueError, match=r"lora must describe a LoRA adapter, got peft_type='IA3'"):
         _load(path)
+
+
+def test_nested_lora_config_is_validated_the_way_loading_uses_it(tmp_path):
+    path = _save_adapter(tmp_path)
+    data = json.loads((path / CONFIG).read_text())
+    _edit_config(path, lora={**data["lora"], "r": "two"})  # LoraConfig(r="two") itself accepts it
+    message = r"InfoSteerConfig.lora: r must be a positive integer, got 'two'"
+    with pytest.raises(ValueError, match=message):
+        check_adapter_dir(path)
+    with pytest.raises(ValueError, match=message):
+        _load(path)
+    with pytest.raises(ValueError, match=r"InfoSteerConfig.lora: r must be a positive integer, got 0"):
+        InfoSteerConfig(lora=LoraConfig(r=0))
+
+
+def test_check_adapter_dir_refuses_pickle_weights(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), InfoSteerConfig(intervention="gain"))
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / WEIGHTS).exists()
+    with pytest.raises(ValueError, match=r"adapter_model.bin is a pickle weights file, which this check refuses"):
+        check_adapter_dir(tmp_path)
+
+
+def test_add_weighted_adapter_names_infosteer():
+    model = get_peft_model(tiny_model("llama"), InfoSteerConfig(intervention="gain"))
+    with pytest.raises(NotImplementedError, match=r"add_weighted_adapter is not supported for InfoSteer adapters"):
+        model.add_weighted_adapter(["default"], [1.0], "combined")
+
+
+def _qwen3_moe(mlp_only_layers: list[int]):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "qwen3_moe", hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        vocab_size=128, mlp_only_layers=mlp_only_layers,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_moe_layers_left_unsteered_are_named(recwarn):
+    # layers 0 and 2 are dense (Qwen3MoeMLP.down_proj), layer 1 a sparse MoE block whose experts are fused parameters
+    config = InfoSteerConfig(target_modules=["mlp.down_proj"], intervention="gain")
+    message = r"steers 2 of the 3 layers of model.layers; the mixture-of-experts layers \[1\] stay unsteered: their "
+    with pytest.warns(UserWarning, match=message + r"experts \(model.layers.1.mlp.experts \(Qwen3MoeExperts\)\)"):
+        model = get_peft_model(_qwen3_moe([0, 2]), config)
+    assert sum(isinstance(m, peft_infosteer.InfoSteerLayer) for m in model.modules()) == 2
+    # saying which layers are meant silences it
+    recwarn.clear()
+    get_peft_model(_qwen3_moe([0, 2]), InfoSteerConfig(target_modules=["mlp.down_proj"], layers_to_transform=[0, 2]))
+    assert not [w for w in recwarn if "unsteered" in str(w.message)]
+    # a dense model where the targets pick some layers: a choice, not a gap
+    get_peft_model(tiny_model("llama", num_layers=3), InfoSteerConfig(target_modules=r".*\.1\.mlp\.down_proj"))
+    assert not [w for w in recwarn if "unsteered" in str(w.message)]
 
 
 def test_lora_of_the_wrong_type_in_code():
