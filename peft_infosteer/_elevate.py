@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["Elevate", "elevate_count", "elevate_forward", "elevate_reference"]
+__all__ = [
+    "Elevate",
+    "elevate_backward",
+    "elevate_count",
+    "elevate_forward",
+    "elevate_in_compiled_graph",
+    "elevate_reference",
+]
 
 
 def elevate_count(fraction: float, d: int) -> int:
@@ -81,19 +88,76 @@ class Elevate(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         out, index, picked = ctx.saved_tensors
-        d = out.shape[-1]
-        wide = _compute_dtype(grad_out.dtype)
-        grad_picked = grad_out.gather(-1, index).to(wide)
-        # one fresh key-sized buffer in the gradient's dtype; the selected entries are overwritten in place
-        if ctx.by_value:
-            share = ((ctx.scale / d) * grad_picked.sum(-1, keepdim=True)).to(grad_out.dtype)
-            grad = grad_out + share
-            return grad.scatter_(-1, index, share.expand_as(picked)), None, None, None
-        share = (ctx.scale / d) * (grad_picked * _signs(picked)).sum(-1, keepdim=True)
-        # sign(k) = sign(k') outside the selection; a replaced entry gets only its share, signed by its original
-        # (0 stays 0, as |k|'s gradient)
-        grad = torch.addcmul(grad_out, torch.sign(out).to(grad_out.dtype), share.to(grad_out.dtype))
-        return grad.scatter_(-1, index, (share * torch.sign(picked.to(wide))).to(grad.dtype)), None, None, None
+        return elevate_backward(grad_out, out, index, picked, ctx.scale, ctx.by_value), None, None, None
+
+
+def elevate_backward(
+    grad_out: torch.Tensor, out: torch.Tensor, index: torch.Tensor, picked: torch.Tensor, scale: float, by_value: bool
+) -> torch.Tensor:
+    """``dL/dk`` from ``dL/dk'`` and what :func:`elevate_forward` returned (the formula: module docstring)."""
+    d = out.shape[-1]
+    wide = _compute_dtype(grad_out.dtype)
+    grad_picked = grad_out.gather(-1, index).to(wide)
+    # one fresh key-sized buffer in the gradient's dtype; the selected entries are overwritten in place
+    if by_value:
+        share = ((scale / d) * grad_picked.sum(-1, keepdim=True)).to(grad_out.dtype)
+        return (grad_out + share).scatter_(-1, index, share.expand_as(picked))
+    share = (scale / d) * (grad_picked * _signs(picked)).sum(-1, keepdim=True)
+    # sign(k) = sign(k') outside the selection; a replaced entry gets only its share, signed by its original
+    # (0 stays 0, as |k|'s gradient)
+    grad = torch.addcmul(grad_out, torch.sign(out).to(grad_out.dtype), share.to(grad_out.dtype))
+    return grad.scatter_(-1, index, (share * torch.sign(picked.to(wide))).to(grad.dtype))
+
+
+# Inside a graph the user compiles, ``elevate`` runs as two opaque operators (forward, backward), not traced: the
+# selection (``topk``) is an ATen call either way, and as operators the gather/scatter around it stay the few ATen
+# kernels the eager path runs instead of being fused into the neighbouring loops (docs/benchmarks.md, cost of elevate).
+@torch.library.custom_op("peft_infosteer::elevate", mutates_args=())
+def _elevate_op(
+    k: torch.Tensor, m: int, scale: float, by_value: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return elevate_forward(k, m, scale, by_value)
+
+
+@_elevate_op.register_fake
+def _(k: torch.Tensor, m: int, scale: float, by_value: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    selected = (*k.shape[:-1], m)
+    return torch.empty_like(k), k.new_empty(selected, dtype=torch.long), k.new_empty(selected)
+
+
+@torch.library.custom_op("peft_infosteer::elevate_backward", mutates_args=())
+def _elevate_backward_op(
+    grad_out: torch.Tensor, out: torch.Tensor, index: torch.Tensor, picked: torch.Tensor, scale: float, by_value: bool
+) -> torch.Tensor:
+    return elevate_backward(grad_out, out, index, picked, scale, by_value)
+
+
+@_elevate_backward_op.register_fake
+def _(
+    grad_out: torch.Tensor, out: torch.Tensor, index: torch.Tensor, picked: torch.Tensor, scale: float, by_value: bool
+) -> torch.Tensor:
+    return torch.empty_like(grad_out)
+
+
+def _op_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    _, _, scale, by_value = inputs
+    out, index, picked = output
+    ctx.save_for_backward(out, index, picked)
+    ctx.scale, ctx.by_value = scale, by_value
+    ctx.mark_non_differentiable(index, picked)
+
+
+def _op_backward(ctx: Any, grad_out: torch.Tensor, *_: Any) -> tuple[torch.Tensor, None, None, None]:
+    out, index, picked = ctx.saved_tensors
+    return _elevate_backward_op(grad_out, out, index, picked, ctx.scale, ctx.by_value), None, None, None
+
+
+_elevate_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def elevate_in_compiled_graph(k: torch.Tensor, m: int, scale: float, by_value: bool) -> torch.Tensor:
+    """``elevate`` as the opaque operator ``peft_infosteer::elevate`` (for a graph being compiled)."""
+    return _elevate_op(k, m, scale, by_value)[0]
 
 
 def elevate_reference(k: torch.Tensor, fraction: float, scale: float, rank: str = "magnitude") -> torch.Tensor:

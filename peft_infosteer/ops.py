@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from ._closed_form import Flatten, FusedFlux, Gain, entropy_terms, flatten_backward, flux_backward, log_d
-from ._elevate import Elevate, elevate_count, elevate_forward
+from ._elevate import Elevate, elevate_count, elevate_forward, elevate_in_compiled_graph
 
 __all__ = [
     "USAGE_MODES",
@@ -322,6 +322,8 @@ def elevate_keys(k: torch.Tensor, fraction: float, scale: float, rank: str = "ma
     if k.shape[-1] == 0:
         raise ValueError("the key vector k must have at least one coefficient (d_ff > 0)")
     m, by_value = elevate_count(fraction, k.shape[-1]), rank == "value"
+    if torch.compiler.is_compiling():  # inside a user's compiled graph: two opaque operators, not traced
+        return elevate_in_compiled_graph(k, m, float(scale), by_value)
     if not (k.requires_grad and torch.is_grad_enabled()):  # generation: no autograd node to build
         return elevate_forward(k, m, float(scale), by_value)[0]
     return Elevate.apply(k, m, float(scale), by_value)

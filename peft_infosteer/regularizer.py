@@ -299,6 +299,7 @@ class FluxTracker:
         #: called with the totals of every training forward (the flux target's step window)
         self.observers: list[Callable[[torch.Tensor], None]] = []
         self._warned_order = False
+        self._warned_no_labels = False
         # the trainer's loss plan of the compute_loss call in progress (see LossPlan)
         self._plan: LossPlan | None = None
         #: why the regularizer's strength is not lambda's (a loss that weighs its tokens, with no loss plan), or None;
@@ -355,6 +356,8 @@ class FluxTracker:
             if self.weight.device != device:
                 self.weight = self.weight.to(device)
             coefficient = -self.weight
+            if plan is None and not _has_labels(kwargs):
+                self._warn_no_labels(mask is not None)
         state = ForwardFlux(
             with_grad=with_grad,
             mask=mask,
@@ -507,6 +510,21 @@ class FluxTracker:
         if state.with_grad:
             for observe in self.observers:
                 observe(stats)
+
+    def _warn_no_labels(self, masked: bool) -> None:
+        # the loss may count fewer tokens than the forward attends to: say which tokens the regularizer counts
+        if self._warned_no_labels:
+            return
+        self._warned_no_labels = True
+        counted = "every token of the attention mask" if masked else "every position"
+        warnings.warn(
+            f"InfoSteer: a training forward got no labels, so the regularizer counts {counted}. If the loss counts "
+            "fewer tokens (prompt-completion or assistant-only masks, label smoothing, a compute_loss_func), pass "
+            "labels to the forward, or attach the trainer integration (InfoSteerCallback.attach(trainer) or "
+            "InfoSteerSFTTrainer), which takes the loss's tokens from the batch.",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _warn_order(self) -> None:
         if self._warned_order:

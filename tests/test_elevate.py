@@ -514,3 +514,31 @@ def test_save_and_reload_in_a_fresh_process(tmp_path):
     lines = proc.stdout.splitlines()
     assert "elevate elevate 0.05 2.0 value True" in lines and "train_only elevate 0.1 1.0 magnitude False" in lines
     assert lines.count("OK elevate") == 1 and lines.count("OK train_only") == 1
+
+
+@pytest.mark.parametrize("rank", ["magnitude", "value"])
+def test_the_compiled_graph_operators_pass_opcheck(rank):
+    from peft_infosteer._elevate import _elevate_backward_op, _elevate_op
+
+    k = _distinct(4, 64, seed=11).requires_grad_(True)
+    torch.library.opcheck(_elevate_op, (k, 3, 2.0, rank == "value"))
+    out, index, picked = _elevate_op(k.detach(), 3, 2.0, rank == "value")
+    torch.library.opcheck(_elevate_backward_op, (torch.randn_like(out), out, index, picked, 2.0, rank == "value"))
+
+
+@pytest.mark.parametrize("rank", ["magnitude", "value"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inside_a_compiled_graph_values_and_gradients_are_the_eager_ones(rank, dtype):
+    torch._dynamo.reset()
+    k = _distinct(2, 3, 64, seed=12).to(dtype)
+    grad = torch.randn(k.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+    def run(fn):
+        x = k.clone().requires_grad_(True)
+        out = fn(x)
+        out.backward(grad)
+        return out.detach(), x.grad
+
+    eager = run(lambda x: elevate_keys(x, 0.05, 2.0, rank))
+    compiled = run(torch.compile(lambda x: elevate_keys(x, 0.05, 2.0, rank) * 1.0, fullgraph=True))
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])

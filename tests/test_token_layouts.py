@@ -9,6 +9,7 @@ its decoder (encoder modules are refused at creation). Gradients are checked aga
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -137,3 +138,20 @@ def test_seq2seq_decoder_counts_its_own_labels():
     reference = _steered(_t5(), 0.0, target_modules=decoder_only)
     want = _plain_entropy_grads(reference, batch, labels != -100)
     assert relative_error(got, want) < 1e-6
+
+
+def test_a_training_forward_without_labels_says_which_tokens_count_once():
+    from tiny_models import tiny_model
+
+    model = get_peft_model(tiny_model(), InfoSteerConfig(intervention="gain", entropy_weight=0.1)).train()
+    ids = torch.randint(1, VOCAB, (2, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with pytest.warns(UserWarning, match="got no labels, so the regularizer counts every token of the attention mask"):
+        model(**batch).logits.sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model; with labels there is nothing to say
+        model(**batch).logits.sum().backward()
+        fresh = get_peft_model(tiny_model(), InfoSteerConfig(intervention="gain", entropy_weight=0.1)).train()
+        fresh(**batch, labels=ids).loss.backward()
+        unregularized = get_peft_model(tiny_model(), InfoSteerConfig(intervention="gain", entropy_weight=0.0))
+        unregularized.train()(**batch).logits.sum().backward()
