@@ -19,7 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
-from mc_eval import adds_bos  # noqa: E402
+
+from .mc_eval import adds_bos  # noqa: E402
 
 __all__ = [
     "MODEL_ALIASES",

@@ -18,9 +18,9 @@ are then trained with every seed and scored on the *test* split. Test documents 
 choose anything. Every run is cached as JSON under ``<out>/<name>/runs/`` and skipped when present, so an interrupted
 benchmark resumes where it stopped. See benchmarks/README.md for the statistics.
 
-    python benchmarks/efficacy.py                      # SmolLM2-135M-Instruct, full settings (CPU: ~1-2 h)
-    python benchmarks/efficacy.py --quick              # tiny end-to-end run into results/quick-smollm2
-    python benchmarks/efficacy.py --device cuda --dtype bfloat16 --name smollm2-cuda
+    python -m benchmarks.efficacy                      # SmolLM2-135M-Instruct, full settings (CPU: ~1-2 h)
+    python -m benchmarks.efficacy --quick              # tiny end-to-end run into results/quick-smollm2
+    python -m benchmarks.efficacy --device cuda --dtype bfloat16 --name smollm2-cuda
 """
 
 from __future__ import annotations
@@ -35,10 +35,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import common  # first: sets the offline environment before transformers is imported
-import mc_eval
-import stats
+if not __package__:  # run as a file (python benchmarks/efficacy.py), not with -m: resolve the relative imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+
+from . import common  # first: sets the offline environment before transformers is imported
+
+# isort: split
 import torch
+
+from . import mc_eval, stats
 
 ID_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "sciq")
 OOD_TASKS = ("piqa", "boolq", "hellaswag")

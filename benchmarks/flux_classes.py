@@ -10,13 +10,13 @@ schedule); they are taken from its local cache under ``results/<name>/adapters/`
 The texts are test documents of the ID tasks (never trained on, never used for a choice), question + gold answer in
 the layout training used (chat examples, or the plain rc layout for a tokenizer without a chat template).
 
-    python benchmarks/flux_classes.py --model smollm2     # writes results/flux-classes/smollm2/
-    python benchmarks/flux_classes.py --model gemma3
-    python benchmarks/flux_classes.py --quick             # tiny run, for the tests
+    python -m benchmarks.flux_classes --model smollm2     # writes results/flux-classes/smollm2/
+    python -m benchmarks.flux_classes --model gemma3
+    python -m benchmarks.flux_classes --quick             # tiny run, for the tests
 
 Efficacy options override the run's chosen settings, e.g. the flux target of the dev sweep on an older result set:
 
-    python benchmarks/flux_classes.py --model smollm2 --gain-entropy-weight 100 \
+    python -m benchmarks.flux_classes --model smollm2 --gain-entropy-weight 100 \
         --target-rise 0.01 --target-start-weight 10
 """
 
@@ -26,12 +26,19 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-import common  # first: sets the offline environment before transformers is imported
-import efficacy
-import mc_eval
+if not __package__:  # run as a file (python benchmarks/flux_classes.py), not with -m: resolve the relative imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+
+from . import common  # first: sets the offline environment before transformers is imported
+
+# isort: split
 import torch
+
+from . import efficacy, mc_eval
 
 LABELS = {"sft": "SFT", "infosteer-gain": "InfoSteer fixed", "infosteer-target": "InfoSteer target"}
 CLASSES = ("content", "function", "punctuation", "number", "operator")

@@ -21,10 +21,10 @@ CPU, per token and per steered layer, in bf16:
 The times are then bytes / peak bandwidth and FLOPs / peak throughput of the GPU (``--peak-tflops``,
 ``--bandwidth``; defaults: NVIDIA H100 SXM, 989 TFLOP/s dense bf16, 3.35 TB/s HBM3). Both at peak: real matmuls
 reach 50-80% of peak and memory-bound kernels 80-90% of bandwidth, so the real overhead is likely lower than the
-ratio printed here. This is an estimate, not a measurement: run ``overhead.py --device cuda --dtype bfloat16`` to
-measure.
+ratio printed here. This is an estimate, not a measurement: run ``python -m benchmarks.overhead --device cuda
+--dtype bfloat16`` to measure.
 
-    python benchmarks/gpu_cost.py                  # writes results/overhead/gpu-cost-estimate.{json,md}
+    python -m benchmarks.gpu_cost                  # writes results/overhead/gpu-cost-estimate.{json,md}
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file (python benchmarks/gpu_cost.py), not with -m: import this checkout's package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peft_infosteer import ops
 

@@ -49,11 +49,11 @@ Peak memory (parts 1, 2 and 5):
   ``max_memory_allocated`` and, unlike the process RSS, is per variant although all live in one process. The
   profiled step is separate from the timed ones.
 
-    python benchmarks/overhead.py --threads 1               # SmolLM2-135M, batch 4 x 512, CPU
-    python benchmarks/overhead.py --quick --json out.json   # tiny random model, < 60 s with a warm compile cache
-    python benchmarks/overhead.py --device cuda --dtype bfloat16 --load-in-4bit --name smollm2-cuda-4bit
-    python benchmarks/overhead.py --threads 1 --parts kernels --modes gain,gain+entropy --layers 2
-    python benchmarks/overhead.py --threads 1 --parts eager,compiled,generation,selection --modes elevate \
+    python -m benchmarks.overhead --threads 1               # SmolLM2-135M, batch 4 x 512, CPU
+    python -m benchmarks.overhead --quick --json out.json   # tiny random model, < 60 s with a warm compile cache
+    python -m benchmarks.overhead --device cuda --dtype bfloat16 --load-in-4bit --name smollm2-cuda-4bit
+    python -m benchmarks.overhead --threads 1 --parts kernels --modes gain,gain+entropy --layers 2
+    python -m benchmarks.overhead --threads 1 --parts eager,compiled,generation,selection --modes elevate \
         --repeats 10 --name smollm2-cpu-elevate              # issue 19: elevate against LoRA (benchmarks/README.md)
 """
 
@@ -77,7 +77,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common  # first of the project imports: sets the offline environment before transformers is imported
+if not __package__:  # run as a file (python benchmarks/overhead.py), not with -m: resolve the relative imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+
+from . import common  # first of the project imports: sets the offline environment before transformers is imported
+
+# isort: split
 import numpy as np
 import torch
 

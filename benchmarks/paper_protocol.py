@@ -36,10 +36,10 @@ Stages (each run is cached as JSON as it finishes and skipped when present; reru
   elevate p=1%, alpha=1. Then SFT and the default, ``--seeds`` on the test split; target: 95% interval half-width
   <= 1.0 point on the eight-task mean of default minus SFT (the report says whether it was met).
 
-    python benchmarks/paper_protocol.py --model smollm2 --time-probe       # time a step and an evaluation
-    python benchmarks/paper_protocol.py --model smollm2 --plan             # what remains, estimated machine time
-    python benchmarks/paper_protocol.py --model smollm2 --stage dev        # then --stage test, --stage default
-    python benchmarks/paper_protocol.py --quick --stage all                # tiny random model, every stage
+    python -m benchmarks.paper_protocol --model smollm2 --time-probe       # time a step and an evaluation
+    python -m benchmarks.paper_protocol --model smollm2 --plan             # what remains, estimated machine time
+    python -m benchmarks.paper_protocol --model smollm2 --stage dev        # then --stage test, --stage default
+    python -m benchmarks.paper_protocol --quick --stage all                # tiny random model, every stage
 """
 
 from __future__ import annotations
@@ -54,11 +54,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import common  # first: sets the offline environment before transformers is imported
-import efficacy
-import mc_eval
-import stats
+if not __package__:  # run as a file (python benchmarks/paper_protocol.py), not with -m: resolve the relative imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+
+from . import common  # first: sets the offline environment before transformers is imported
+
+# isort: split
 import torch
+
+from . import efficacy, mc_eval, stats
 
 TRAIN_TASKS = ("boolq", "piqa", "socialiqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 OOD_TASKS = ("sciq", "csqa")

@@ -15,8 +15,8 @@ The texts are held-out ID test documents (question + gold answer in the training
 Paired by token against SFT, 95% bootstrap intervals over texts, raw and after regressing out each token's surprisal
 (``peft_infosteer.analysis.compare_reports``, the flux-by-class analysis's control).
 
-    python benchmarks/specificity.py --model smollm2     # writes results/specificity/smollm2/
-    python benchmarks/specificity.py --quick             # tiny run, for the tests
+    python -m benchmarks.specificity --model smollm2     # writes results/specificity/smollm2/
+    python -m benchmarks.specificity --quick             # tiny run, for the tests
 """
 
 from __future__ import annotations
@@ -25,12 +25,19 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-import common  # first: sets the offline environment before transformers is imported
-import efficacy
-import flux_classes
+if not __package__:  # run as a file (python benchmarks/specificity.py), not with -m: resolve the relative imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+
+from . import common  # first: sets the offline environment before transformers is imported
+
+# isort: split
 import torch
+
+from . import efficacy, flux_classes
 
 #: label -> (adapter-cache label, InfoSteer params; ``{}`` = plain LoRA SFT)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {

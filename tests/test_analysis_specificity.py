@@ -31,7 +31,7 @@ from peft_infosteer.analysis import (
 from peft_infosteer.cli import main
 from peft_infosteer.ops import usage_distribution
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]  # the benchmarks run as modules from here: python -m benchmarks.<name>
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -239,9 +239,9 @@ def tiny_smol_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_specificity_benchmark_quick_end_to_end(tiny_smol_dir, tmp_path):
-    cmd = [sys.executable, str(BENCH / "specificity.py"), "--quick", "--model", str(tiny_smol_dir)]
+    cmd = [sys.executable, "-m", "benchmarks.specificity", "--quick", "--model", str(tiny_smol_dir)]
     cmd += ["--out", str(tmp_path), "--threads", "1", "--quiet", "--train-tasks", "arc_easy,openbookqa"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out,) = (tmp_path / "specificity").iterdir()
     result = json.loads((out / "results.json").read_text())

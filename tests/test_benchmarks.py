@@ -11,14 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from benchmarks import common, efficacy, mc_eval, paper_protocol, stats
 
-import common  # noqa: E402
-import efficacy  # noqa: E402
-import mc_eval  # noqa: E402
-import paper_protocol  # noqa: E402
-import stats  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the benchmarks run as modules from here: python -m benchmarks.<name>
 
 
 def test_split_docs_disjoint_deterministic_and_proportional():
@@ -169,7 +164,7 @@ def test_score_items_matches_one_sequence_per_choice(tiny_dir, fmt):
 
 
 def test_the_kernel_profile_sorts_self_time_by_kind():
-    import overhead
+    from benchmarks import overhead
 
     kinds = {name: overhead.kernel_kind(name) for name in ("aten::mm", "graph_0_cpp_fused_mul_1", "aten::add")}
     assert kinds == {"aten::mm": "matmul", "graph_0_cpp_fused_mul_1": "fused", "aten::add": "other"}
@@ -182,7 +177,8 @@ def test_the_kernel_profile_sorts_self_time_by_kind():
 def test_overhead_quick_reports_training_op_and_generation(tmp_path):
     out = tmp_path / "overhead.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "overhead.py"), "--quick", "--no-save", "--json", str(out)],
+        [sys.executable, "-m", "benchmarks.overhead", "--quick", "--no-save", "--json", str(out)],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,  # about 45 s with a warm inductor cache; the first run on a machine compiles from scratch
@@ -221,10 +217,10 @@ def test_overhead_quick_reports_training_op_and_generation(tmp_path):
 
 @pytest.mark.slow
 def test_efficacy_quick_end_to_end_and_resume(tiny_dir, tmp_path):
-    cmd = [sys.executable, str(BENCH / "efficacy.py"), "--quick", "--model", str(tiny_dir), "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "benchmarks.efficacy", "--quick", "--model", str(tiny_dir), "--out", str(tmp_path)]
     cmd += ["--name", "q", "--threads", "1", "--quiet", "--train-tasks", "arc_easy,openbookqa"]
     cmd += ["--eval-tasks", "arc_easy,openbookqa,piqa"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "q" / "results.json").read_text())
     assert set(result["summary"]["methods"]) == set(efficacy.METHODS)
@@ -243,7 +239,7 @@ def test_efficacy_quick_end_to_end_and_resume(tiny_dir, tmp_path):
     assert run["train"]["reused_from"].startswith("sft-seed0-")
     # a second invocation only reads the cache
     cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "q" / "runs").rglob("*.json")}
-    again = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, timeout=300)
+    again = subprocess.run([*cmd, "--report-only"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training" not in again.stdout.split("wrote")[0]
     assert cached == {p: p.stat().st_mtime_ns for p in (tmp_path / "q" / "runs").rglob("*.json")}
@@ -253,7 +249,7 @@ def test_efficacy_quick_end_to_end_and_resume(tiny_dir, tmp_path):
     given += ["--gain-entropy-weight", str(chosen["gain_entropy_weight"])]
     given += ["--flatten-strength", str(chosen["flatten_strength"]), "--target-rise", str(chosen["target_rise"])]
     given += ["--target-start-weight", str(chosen["target_start_weight"])]
-    no_sweep = subprocess.run([*cmd, "--report-only", *given], capture_output=True, text=True, timeout=300)
+    no_sweep = subprocess.run([*cmd, "--report-only", *given], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert no_sweep.returncode == 0, no_sweep.stderr[-3000:]
     report = (tmp_path / "q" / "results.md").read_text()
     assert "No sweep for this model" in report and "## Sweep" not in report
@@ -299,7 +295,7 @@ def test_fused_flatten_matches_autograd_and_saves_only_its_output(dtype):
 @pytest.mark.slow
 def test_gpu_cost_counts_bytes_of_eager_ops_and_generated_kernels():
     """The GPU estimate's counts: the compiled math moves a fraction of the eager closed form's bytes."""
-    import gpu_cost
+    from benchmarks import gpu_cost
 
     caches = torch._inductor.config.fx_graph_cache, torch._functorch.config.enable_autograd_cache
     torch._logging.set_logs(inductor_metrics=True)
@@ -323,9 +319,9 @@ def test_gpu_cost_counts_bytes_of_eager_ops_and_generated_kernels():
 
 @pytest.mark.slow
 def test_flux_classes_quick_compares_trained_adapters_per_token_class(tiny_dir, tmp_path):
-    cmd = [sys.executable, str(BENCH / "flux_classes.py"), "--quick", "--model", str(tiny_dir), "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "benchmarks.flux_classes", "--quick", "--model", str(tiny_dir), "--out", str(tmp_path)]
     cmd += ["--threads", "1", "--quiet", "--train-tasks", "arc_easy,openbookqa"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out,) = (tmp_path / "flux-classes").iterdir()
     result = json.loads((out / "results.json").read_text())
@@ -340,7 +336,9 @@ def test_flux_classes_quick_compares_trained_adapters_per_token_class(tiny_dir, 
     ).read_text()
 
 
-@pytest.mark.parametrize("module", [common, efficacy, mc_eval, paper_protocol, stats], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module", [common, efficacy, mc_eval, paper_protocol, stats], ids=lambda m: m.__name__.split(".")[-1]
+)
 def test_benchmark_docstring_examples(module):
     import doctest
 
@@ -350,7 +348,7 @@ def test_benchmark_docstring_examples(module):
 
 def test_flux_classes_texts_follow_the_training_layout():
     """A tokenizer without a chat template (Gemma-3's GGUF) trains on the rc layout: the texts measured must too."""
-    import flux_classes
+    from benchmarks import flux_classes
 
     doc = {"query": "Question: Why?\nAnswer:", "choices": ["no", "because"], "gold": 1}
     splits = {"arc_easy": {"test": [doc, doc]}}
@@ -483,7 +481,8 @@ def test_paper_default_rule_and_test_choice():
 def test_paper_protocol_quick_runs_every_stage_and_resumes(tiny_dir, tmp_path):
     cmd = [
         sys.executable,
-        str(BENCH / "paper_protocol.py"),
+        "-m",
+        "benchmarks.paper_protocol",
         "--quick",
         "--model",
         str(tiny_dir),
@@ -491,7 +490,7 @@ def test_paper_protocol_quick_runs_every_stage_and_resumes(tiny_dir, tmp_path):
         str(tmp_path),
     ]
     cmd += ["--name", "q", "--threads", "1", "--quiet"]
-    proc = subprocess.run([*cmd, "--stage", "all"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*cmd, "--stage", "all"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "q"
     dev, test, default = (json.loads((out / f"{s}.json").read_text()) for s in paper_protocol.STAGES)
@@ -518,12 +517,14 @@ def test_paper_protocol_quick_runs_every_stage_and_resumes(tiny_dir, tmp_path):
     assert set(per_task) == set(paper_protocol.TRAIN_TASKS) and len(set(per_task.values())) == 1
     # resuming: --plan finds nothing left and only reads the cache
     cached = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
-    plan = subprocess.run([*cmd, "--plan"], capture_output=True, text=True, timeout=300)
+    plan = subprocess.run([*cmd, "--plan"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert plan.stdout.count("0 runs remain") == 3 and "s per training step" in plan.stdout
     assert cached == {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
     # the time probe prints an estimate for every stage of a fresh grid
-    probe = subprocess.run([*cmd, "--name", "fresh", "--time-probe"], capture_output=True, text=True, timeout=300)
+    probe = subprocess.run(
+        [*cmd, "--name", "fresh", "--time-probe"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert all(f"stage {s}:" in probe.stdout for s in paper_protocol.STAGES) and " h (" in probe.stdout
     assert json.loads((tmp_path / "fresh" / "time_probe.json").read_text())["train_s_per_step"] > 0
