@@ -11,6 +11,12 @@ finders produce peft's spec and wraps that spec's ``loader.exec_module`` so that
 the end, ``peft_infosteer`` is imported (which registers the method); then it removes itself. If ``peft`` is already
 fully imported when ``install()`` runs, the plugin is imported at once.
 
+Registering is all it does: importing ``peft_infosteer`` patches no upstream class and changes no logging (the
+model-card wrappers of ``peft_infosteer.hub`` are installed when the first InfoSteer model is built), so a process
+that never builds an InfoSteer model behaves as without the package. In an editable install, ``_build_pth.py`` puts a
+stub of this module in site-packages that runs this file from the project, so edits here take effect without a
+reinstall.
+
 Switch off: ``PEFT_INFOSTEER_AUTOLOAD=0`` (also ``false``/``no``/``off``), read at start-up and again when peft is
 imported. A plugin that fails to import never breaks ``import peft``: it warns (RuntimeWarning) and PEFT stays as it
 was.
@@ -23,11 +29,16 @@ TARGET = "peft"
 PLUGIN = "peft_infosteer"
 ENV = "PEFT_INFOSTEER_AUTOLOAD"
 
-__all__ = ["ENV", "enabled", "install", "quiet_bitsandbytes_notice", "uninstall"]
+# the package reads its other switches with peft_infosteer._env, which this standalone module must not import: the
+# same values, checked by tests/test_registration.py
+OFF_VALUES = ("0", "false", "no", "off")
+
+__all__ = ["ENV", "OFF_VALUES", "enabled", "install", "uninstall"]
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """Whether ``PEFT_INFOSTEER_AUTOLOAD`` leaves the hook on (unset: on)."""
+    return os.environ.get(ENV, "1").strip().lower() not in OFF_VALUES
 
 
 def _import_plugin() -> None:
@@ -48,26 +59,6 @@ def _import_plugin() -> None:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         except Exception:  # warnings turned into errors (-W error, pytest filterwarnings=error): still never raise
             sys.stderr.write(f"RuntimeWarning: {message}\n")
-
-
-def quiet_bitsandbytes_notice() -> None:
-    """Drop one harmless bitsandbytes notice (idempotent).
-
-    bitsandbytes logs it on CPUs with AVX512-BF16 when the optional ``kernels`` package (which downloads its kernel
-    from the Hub at run time) is absent; it then falls back to its bundled CPU code. peft imports bitsandbytes, so the
-    filter must be up before peft is imported: here, and in ``peft_infosteer/__init__.py`` for an explicit import.
-    """
-    import logging
-
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(getattr(f, "_infosteer", False) for f in logger.filters):
-        notice = "Failed to load CPU gemm_4bit_forward from kernels-community"
-
-        def drop(record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith(notice)
-
-        drop._infosteer = True  # type: ignore[attr-defined]
-        logger.addFilter(drop)
 
 
 class _PeftImportHook:
@@ -93,8 +84,6 @@ class _PeftImportHook:
         original = loader.exec_module
 
         def exec_module(module):
-            if enabled():
-                quiet_bitsandbytes_notice()
             try:
                 original(module)  # peft/__init__.py runs to the end (or raises: then nothing is registered)
             finally:

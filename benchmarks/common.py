@@ -1,13 +1,16 @@
-"""Shared pieces of the benchmarks: models by name, document splits, chat training examples, environment info."""
+"""Shared pieces of the benchmarks: models by name and their loading, document splits, chat training examples, the
+run cache, interleaved timing, markdown and plot writers, environment info. Statistics are in ``stats.py``."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
 import random
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,22 @@ from .mc_eval import adds_bos  # noqa: E402
 __all__ = [
     "MODEL_ALIASES",
     "collate",
+    "diff_cell",
     "environment_info",
+    "interleaved",
     "load_model",
     "load_tokenizer",
+    "markdown_table",
+    "model_alias",
+    "pyplot",
     "resolve_model_dir",
+    "rotated",
+    "run_cached",
     "split_docs",
+    "split_names",
+    "sync",
     "tokenize_chat_example",
+    "warm_up",
 ]
 
 MODEL_ALIASES: tuple[str, ...] = ("smollm2", "gemma3")
@@ -53,6 +66,15 @@ def resolve_model_dir(name: str) -> Path:
     return path
 
 
+def model_alias(name: str) -> str:
+    """The short name of ``--model`` for result directories: the alias itself, or a checkpoint directory's name.
+
+    >>> model_alias("smollm2"), model_alias("/models/my-llama/")
+    ('smollm2', 'my-llama')
+    """
+    return name if name in MODEL_ALIASES else Path(name).name
+
+
 def load_tokenizer(model_dir: str | os.PathLike):
     """The tokenizer of a local checkpoint, with a pad token (the EOS token when it has none)."""
     from transformers import AutoTokenizer
@@ -63,11 +85,36 @@ def load_tokenizer(model_dir: str | os.PathLike):
     return tokenizer
 
 
-def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
-    """Load a causal LM from a local directory (never from the Hub) onto ``device``."""
+def load_model(
+    model_dir: str | os.PathLike,
+    device: str = "cpu",
+    dtype: str = "float32",
+    *,
+    load_in_4bit: bool = False,
+    compute_dtype: str = "float32",
+    layers: int | None = None,
+) -> torch.nn.Module:
+    """Load a causal LM from a local directory (never from the Hub) onto ``device``.
+
+    ``load_in_4bit``: a bitsandbytes NF4 base (QLoRA) computing in ``compute_dtype``, left where bitsandbytes puts it
+    (a quantized model cannot be moved with ``.to``). ``layers``: keep only the first ``layers`` decoder layers (real
+    weights), for quick per-layer measurements.
+    """
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
+    kwargs: dict[str, Any] = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=DTYPES[compute_dtype], bnb_4bit_quant_type="nf4"
+        )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], **kwargs)
+    if layers:
+        decoder = model.get_decoder()
+        decoder.layers = decoder.layers[:layers]
+        model.config.num_hidden_layers = len(decoder.layers)
+    return model if load_in_4bit else model.to(device)
 
 
 def split_docs(
@@ -141,6 +188,151 @@ def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, 
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---- run cache ---------------------------------------------------------------------------------------------------
+
+
+def run_cached(
+    path: Path,
+    settings: dict[str, Any],
+    force: bool,
+    compute: Callable[[], dict[str, Any]],
+    cached_only: bool = False,
+) -> dict[str, Any] | None:
+    """The cached JSON at ``path`` if its settings match, else ``compute()`` (saved atomically); ``None`` when
+    ``cached_only`` and nothing is cached.
+
+    A cache made with other settings is refused with the settings that differ, so that a resumed benchmark never mixes
+    runs of two protocols.
+    """
+    if path.is_file() and not force:
+        data = json.loads(path.read_text())
+        if data.get("settings") != settings:
+            cached = data.get("settings") or {}
+            diff = {k: (cached.get(k), v) for k, v in settings.items() if cached.get(k) != v}
+            raise SystemExit(
+                f"{path} was computed with other settings {diff} (cached, now). Use another --name, or --force."
+            )
+        return data
+    if cached_only:
+        return None
+    data = compute()
+    data["settings"] = settings
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return data
+
+
+# ---- interleaved timing ------------------------------------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA), so that a wall-clock time covers it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def rotated(names: Sequence[str], repeat: int) -> list[str]:
+    """``names`` rotated by ``repeat``: each variant runs first, second, ... in turn over the repeats.
+
+    >>> rotated(["a", "b", "c"], 4)
+    ['b', 'c', 'a']
+    """
+    shift = repeat % len(names)
+    return [*names[shift:], *names[:shift]]
+
+
+def warm_up(fns: dict[str, Callable[[int], None]], steps: int, device: str) -> dict[str, dict[str, float]]:
+    """Run each function ``steps`` times (compiles happen here); the first call's time and the total, per function."""
+    out = {}
+    for name, fn in fns.items():
+        times = []
+        for i in range(steps):
+            sync(device)
+            t0 = time.perf_counter()
+            fn(i)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        out[name] = {"first_s": times[0] if times else 0.0, "total_s": float(sum(times))}
+    return out
+
+
+def interleaved(
+    fns: dict[str, Callable[[int], None]], repeats: int, device: str, label: str = ""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process CPU time of each function, once per repeat, the order rotated each repeat.
+
+    Slow phases of a shared machine then hit every variant alike; take ratios per repeat (``stats.paired_ratios``).
+    """
+    names = list(fns)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in rotated(names, r):
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[name](r)
+            sync(device)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+        if label:
+            print(f"  {label} repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {wall[n][-1]:.3f}s" for n in names))
+    return wall, cpu
+
+
+# ---- markdown and plot writers -----------------------------------------------------------------------------------
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured markdown table (no trailing newline); ``align`` holds one rule per column (``---:``).
+
+    >>> print(markdown_table(["", "acc"], [["sft", "0.5"], ["base", ""]]))
+    | | acc |
+    |---|---|
+    | sft | 0.5 |
+    | base | |
+    """
+
+    def line(cells: Sequence[str]) -> str:
+        return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+    rule = align or ["---"] * len(header)
+    return "\n".join([line(header), "|" + "|".join(rule) + "|", *(line(row) for row in rows)])
+
+
+def diff_cell(entry: dict[str, Any]) -> str:
+    """A paired difference (``stats.paired_differences``) in points with its interval, bold when it excludes 0.
+
+    >>> diff_cell({"diff": 0.012, "ci_low": 0.001, "ci_high": 0.023})
+    '**+1.2 [+0.1, +2.3]**'
+    """
+    mark = "**" if entry["ci_low"] > 0 or entry["ci_high"] < 0 else ""
+    return f"{mark}{100 * entry['diff']:+.1f} [{100 * entry['ci_low']:+.1f}, {100 * entry['ci_high']:+.1f}]{mark}"
+
+
+def split_names(text: str) -> list[str]:
+    """A comma-separated command-line list, blanks dropped.
+
+    >>> split_names("arc_easy, piqa,,")
+    ['arc_easy', 'piqa']
+    """
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (the benchmarks only write files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---- environment -------------------------------------------------------------------------------------------------
 
 
 def _version(package: str) -> str | None:

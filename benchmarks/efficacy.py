@@ -45,6 +45,7 @@ from . import common  # first: sets the offline environment before transformers 
 import torch
 
 from . import mc_eval, stats
+from .common import run_cached  # the shared run cache; efficacy.run_cached stays for the scripts that call it so
 
 ID_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "sciq")
 OOD_TASKS = ("piqa", "boolq", "hellaswag")
@@ -211,53 +212,35 @@ def train(model, examples, args: argparse.Namespace, seed: int, steps: int, pad_
 # ---- evaluation ------------------------------------------------------------------------------------------------
 
 
-def _output_projections(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The innermost linear layers of the FFN output projections (their input is what reaches the weights)."""
-    from peft_infosteer.architectures import default_target_modules
-
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    suffixes = [t.split(".")[-1] for t in default_target_modules(model_type)]
-    found = []
-    for name, module in model.named_modules():
-        if name.split(".")[-1] in suffixes and ".base_layer" not in name:
-            while hasattr(module, "base_layer"):
-                module = module.base_layer
-            found.append(module)
-    return found
-
-
 @torch.no_grad()
 def measure_flux(model, examples, args: argparse.Namespace, pad_id: int) -> float | None:
     """Mean information flux of what enters the FFN output projections, on the answer tokens of ``examples``.
 
-    Measured with hooks on the innermost projection, so it is the same quantity for plain LoRA and for InfoSteer (for
-    ``flatten`` it is the flux after the intervention).
+    The keys are read where ``peft_infosteer.analysis`` reads them (``find_key_modules`` and ``read_keys``: the
+    innermost base layer of each output projection), so it is the same quantity for plain LoRA and for InfoSteer (for
+    ``flatten`` and ``elevate`` the flux after the intervention); each token's flux is ``ops.information_flux``,
+    averaged over the answer tokens of every layer.
     """
+    from peft_infosteer.analysis import find_key_modules, read_keys
     from peft_infosteer.ops import information_flux
 
     if not examples:
         return None
     state: dict[str, Any] = {"sum": 0.0, "count": 0.0, "mask": None}
 
-    def hook(_module, inputs):
-        k = inputs[0]
+    def on_keys(_layer: int, k: torch.Tensor) -> None:
         flux = information_flux(k.reshape(-1, k.shape[-1])).reshape(k.shape[:-1])
         state["sum"] += float((flux * state["mask"]).sum())
         state["count"] += float(state["mask"].sum())
 
-    handles = [m.register_forward_pre_hook(hook) for m in _output_projections(model)]
     model.eval()
-    try:
+    with read_keys(find_key_modules(model), on_keys):
         for i in range(0, len(examples), args.batch_size):
             batch = {k: v.to(args.device) for k, v in common.collate(examples[i : i + args.batch_size], pad_id).items()}
             mask = torch.zeros_like(batch["labels"], dtype=torch.float32)
             mask[:, :-1] = (batch["labels"][:, 1:] != -100).float()
             state["mask"] = mask
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
     return state["sum"] / state["count"] if state["count"] else None
 
 
@@ -341,29 +324,6 @@ def _point_label(params: dict[str, Any]) -> str:
         )
     prefix = "gain" if params["intervention"] == "gain" else "entropy"
     return f"{prefix}-w{params['entropy_weight']:g}"
-
-
-def run_cached(path: Path, settings: dict[str, Any], force: bool, compute, cached_only: bool = False):
-    """The cached JSON at ``path`` if its settings match, else ``compute()`` (saved atomically); ``None`` when
-    ``cached_only`` and nothing is cached."""
-    if path.is_file() and not force:
-        data = json.loads(path.read_text())
-        if data.get("settings") != settings:
-            cached = data.get("settings") or {}
-            diff = {k: (cached.get(k), v) for k, v in settings.items() if cached.get(k) != v}
-            raise SystemExit(
-                f"{path} was computed with other settings {diff} (cached, now). Use another --name, or --force."
-            )
-        return data
-    if cached_only:
-        return None
-    data = compute()
-    data["settings"] = settings
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-    return data
 
 
 class Runner:
@@ -630,12 +590,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             lines.append("| method | " + " | ".join(c.replace("mean_", "mean ") for c in cols) + " |")
             lines.append("|---" * (len(cols) + 1) + "|")
             for method, d in s["differences"].items():
-                cells = []
-                for c in cols:
-                    e = d[metric][c]
-                    mark = "**" if e["ci_low"] > 0 or e["ci_high"] < 0 else ""
-                    ci = f"[{100 * e['ci_low']:+.1f}, {100 * e['ci_high']:+.1f}]"
-                    cells.append(f"{mark}{100 * e['diff']:+.1f} {ci}{mark}")
+                cells = [common.diff_cell(d[metric][c]) for c in cols]
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             lines += ["", "Differences in accuracy points; **bold**: the 95% interval excludes 0.", ""]
     lines += ["## Information flux on ID dev answer tokens (after training)", ""]
@@ -674,11 +629,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
 
 
 def write_plot(path: Path, result: dict[str, Any], metric: str = PRIMARY) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     s = result["summary"]
     diffs = s["differences"]
     if not diffs:
@@ -723,19 +674,19 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="smollm2, gemma3, or a local transformers checkpoint dir")
     p.add_argument("--name", default=None, help="results sub-directory (default: the model alias; quick-<model>)")
     p.add_argument("--out", type=Path, default=RESULTS_ROOT, help="results root (default: benchmarks/results)")
-    p.add_argument("--methods", type=_names, default=list(METHODS))
+    p.add_argument("--methods", type=common.split_names, default=list(METHODS))
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    p.add_argument("--train-tasks", type=_names, default=list(ID_TASKS), help="ID tasks: trained on, tested on")
-    p.add_argument("--eval-tasks", type=_names, default=None, help="tasks to test (default: ID + piqa,boolq,hellaswag)")
+    p.add_argument(
+        "--train-tasks", type=common.split_names, default=list(ID_TASKS), help="ID tasks: trained on, tested on"
+    )
+    p.add_argument(
+        "--eval-tasks", type=common.split_names, default=None, help="tasks to test (default: ID + piqa,boolq,hellaswag)"
+    )
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -798,7 +749,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if args.name is None:
-        alias = args.model if args.model in common.MODEL_ALIASES else Path(args.model).name
+        alias = common.model_alias(args.model)
         args.name = f"quick-{alias}" if args.quick else alias
     args.device_type = torch.device(args.device).type
     args.autocast = args.dtype != "float32"

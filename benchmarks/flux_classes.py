@@ -181,8 +181,9 @@ def content_shift(tokens, reference: str, value: str, n_boot: int) -> list[dict[
     return rows
 
 
-def _records(frame) -> list[dict[str, Any]]:
-    keep = frame[frame["token_class"].isin([*CLASSES, "all"])]
+def _records(frame, classes: tuple[str, ...] = (*CLASSES, "all")) -> list[dict[str, Any]]:
+    """The rows of a comparison table for ``classes``, as JSON records."""
+    keep = frame[frame["token_class"].isin(list(classes))]
     return json.loads(keep.to_json(orient="records"))
 
 

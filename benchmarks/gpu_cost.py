@@ -122,7 +122,7 @@ def eager_bytes(mode: str | None, d_ff: int) -> float:
 def _inductor_bytes(fn: Callable[[], Any]) -> int:
     inductor_metrics.reset()
     torch._dynamo.reset()
-    ops._compile_state["compiled"].clear()  # the package's compiled math, compiled afresh for this count
+    ops._PROCESS.functions.clear()  # the package's compiled math, compiled afresh for this count
     fn()
     return int(inductor_metrics.num_bytes_accessed)
 

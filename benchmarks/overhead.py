@@ -87,6 +87,9 @@ from . import common  # first of the project imports: sets the offline environme
 import numpy as np
 import torch
 
+from .common import interleaved, rotated, sync, warm_up
+from .stats import median_iqr, paired_ratios
+
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 PARTS = ("eager", "compiled", "op", "generation", "selection", "kernels")
 DEFAULT_PARTS = PARTS[:5]  # "kernels" profiles compiled steps on request
@@ -127,27 +130,9 @@ SELECTION_BASELINE = SELECTIONS[0]  # what elevate selects with
 ELEVATE_BASELINE = "lora-down-proj"  # the layer elevate sits in
 
 
-# ---- statistics and timing ----------------------------------------------------------------------------------------
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    """Median, interquartile range, minimum and count of ``values``."""
-    q1, med, q3 = np.quantile(values, [0.25, 0.5, 0.75])
-    return {"median": float(med), "q1": float(q1), "q3": float(q3), "min": float(min(values)), "n": len(values)}
-
-
-def paired_ratios(times: dict[str, list[float]], baseline: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Per-repeat ratio of each entry of ``times`` to its baseline's time in the same repeat, summarised."""
-    return {
-        name: summary([t / b for t, b in zip(values, times[baseline[name]])])
-        for name, values in times.items()
-        if baseline.get(name, name) != name
-    }
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+# ---- timing -------------------------------------------------------------------------------------------------------
+# interleaved repeats and warm-up (common.py), median/IQR of per-repeat ratios (stats.py): shared with the other
+# benchmarks
 
 
 def compiled_graphs() -> int:
@@ -155,42 +140,6 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def warm_up(fns: dict[str, Callable[[int], None]], steps: int, device: str) -> dict[str, dict[str, float]]:
-    """Run each function ``steps`` times (compiles happen here); the first call's time and the total, per function."""
-    out = {}
-    for name, fn in fns.items():
-        times = []
-        for i in range(steps):
-            sync(device)
-            t0 = time.perf_counter()
-            fn(i)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        out[name] = {"first_s": times[0] if times else 0.0, "total_s": float(sum(times))}
-    return out
-
-
-def interleaved(
-    fns: dict[str, Callable[[int], None]], repeats: int, device: str, label: str = ""
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and process CPU time of each function, once per repeat, the order rotated each repeat."""
-    names = list(fns)
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            fns[name](r)
-            sync(device)
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-        if label:
-            print(f"  {label} repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {wall[n][-1]:.3f}s" for n in names))
-    return wall, cpu
 
 
 # ---- memory -------------------------------------------------------------------------------------------------------
@@ -261,21 +210,10 @@ def tiny_model_dir(tmp: Path, layers: int = 2) -> Path:
 
 
 def load_base(args: argparse.Namespace, model_dir: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {}
-    if args.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=common.DTYPES[args.dtype], bnb_4bit_quant_type="nf4"
-        )
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
-    if args.layers:
-        decoder = base.get_decoder()
-        decoder.layers = decoder.layers[: args.layers]
-        base.config.num_hidden_layers = len(decoder.layers)
-    return base if args.load_in_4bit else base.to(args.device)
+    """float32 weights (or a 4-bit base computing in ``--dtype``), the first ``--layers`` decoder layers."""
+    return common.load_model(
+        model_dir, args.device, load_in_4bit=args.load_in_4bit, compute_dtype=args.dtype, layers=args.layers
+    )
 
 
 def peft_model(settings: dict[str, Any] | None, args: argparse.Namespace, model_dir: Path) -> Any:
@@ -422,8 +360,8 @@ def measure_training(args: argparse.Namespace, model_dir: Path) -> dict[str, Any
         "d_ff": d_ff,
         "ratios": ratios,
         "targets": target_checks(ratios),
-        "step_time_s": {n: summary(v) for n, v in wall.items()},
-        "step_cpu_time_s": {n: summary(v) for n, v in cpu.items()},
+        "step_time_s": {n: median_iqr(v) for n, v in wall.items()},
+        "step_cpu_time_s": {n: median_iqr(v) for n, v in cpu.items()},
         "tokens_per_s": {n: args.batch_size * args.seq_len / float(np.median(v)) for n, v in wall.items()},
         "memory_bytes": memory,
         "warmup_s": warmup,
@@ -494,7 +432,7 @@ def measure_op(args: argparse.Namespace, d_ff: int) -> dict[str, Any]:
         "shape": list(shape),
         "dtype": args.dtype,
         "baseline": OP_BASELINE,
-        "time_s": {n: summary(v) for n, v in wall.items()},
+        "time_s": {n: median_iqr(v) for n, v in wall.items()},
         "extra_peak_bytes": memory,
         "ratios": {
             n: {"time": time_ratios[n], "peak_memory": memory[n] / max(memory[OP_BASELINE], 1)} for n in time_ratios
@@ -591,7 +529,7 @@ def measure_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, A
     result: dict[str, Any] = {
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
-        "time_s": {n: summary(v) for n, v in wall.items()},
+        "time_s": {n: median_iqr(v) for n, v in wall.items()},
         "tokens_per_s": {n: int(n.split("/")[0]) * args.new_tokens / float(np.median(v)) for n, v in wall.items()},
         "ratios": {n: {"baseline": f"{n.split('/')[0]}/lora", "time": r} for n, r in ratios.items()},
         "targets": targets,
@@ -725,7 +663,7 @@ def measure_selection(args: argparse.Namespace, d_ff: int, hidden: int) -> dict[
             timed = {prefix + n: repeated(fn, calls) for n, fn in fns.items()}
             warmup |= warm_up(timed, args.warmup, args.device)
             wall, _ = interleaved(timed, args.op_repeats, args.device)
-            time_s |= {n: summary([t / calls for t in v]) for n, v in wall.items()}
+            time_s |= {n: median_iqr([t / calls for t in v]) for n, v in wall.items()}
             if rows == most:  # a decode step's keys take next to nothing; profiling costs time
                 memory |= {prefix + n: extra_peak_bytes(fn, args.device) for n, fn in fns.items()}
             baseline = {prefix + n: prefix + (SELECTION_BASELINE if n in SELECTIONS else ELEVATE_BASELINE) for n in fns}
@@ -789,8 +727,7 @@ def measure_kernels(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]
     times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in KERNEL_KINDS} for n in fns}
     names = list(fns)
     for r in range(args.repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(names, r):
             for kind, ms in profiled_self_ms(lambda name=name, r=r: fns[name](r), args.device).items():
                 times[name][kind].append(ms)
         print(f"  kernels repeat {r + 1}/{args.repeats}")
@@ -867,8 +804,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown := [x for x in args.selection_dtypes if x not in common.DTYPES]:
         p.error(f"--selection-dtypes: unknown {unknown}; choose from {list(common.DTYPES)}")
     if args.name is None:
-        alias = args.model if args.model in common.MODEL_ALIASES else Path(args.model).name
-        args.name = "quick" if args.quick else f"{alias}-{args.device_type}"
+        args.name = "quick" if args.quick else f"{common.model_alias(args.model)}-{args.device_type}"
     return args
 
 

@@ -589,12 +589,6 @@ def stage_report(stage: str, runner: Runner, args: argparse.Namespace, jobs, not
     return result
 
 
-def _diff_cell(e: dict[str, Any]) -> str:
-    """A paired difference in points with its interval, bold when the interval excludes 0."""
-    mark = "**" if e["ci_low"] > 0 or e["ci_high"] < 0 else ""
-    return f"{mark}{100 * e['diff']:+.1f} [{100 * e['ci_low']:+.1f}, {100 * e['ci_high']:+.1f}]{mark}"
-
-
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = [f"# Paper protocol, stage {result['stage']}: {result['name']}", "", f"Status: {result['status']}."]
@@ -612,12 +606,12 @@ def markdown(result: dict[str, Any]) -> str:
         for method, entry in s["methods"].items():
             cells = [f"{entry[metric][c]['mean']:.3f} ± {entry[metric][c]['std']:.3f}" for c in cols]
             d = s["differences"].get(method, {}).get(metric)
-            cells += ["" if d is None else _diff_cell(d[c]) for c in cols]
+            cells += ["" if d is None else common.diff_cell(d[c]) for c in cols]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     sb = result.get("sft_minus_base")
     if sb is not None:
-        lines += [f"SFT minus base, {PRIMARY}, eight-task mean: {_diff_cell(sb[PRIMARY]['mean_ID'])} points.", ""]
+        lines += [f"SFT minus base, {PRIMARY}, eight-task mean: {common.diff_cell(sb[PRIMARY]['mean_ID'])} points.", ""]
     proj = result.get("projected_test_size")
     if proj and proj["docs_per_task_for_paper_settings"]:
         n = proj["docs_per_task_for_paper_settings"]
@@ -744,10 +738,6 @@ def print_plan(runner: Runner, args: argparse.Namespace, stages: list[str], cost
 # ---- main ------------------------------------------------------------------------------------------------------
 
 
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="smollm2, gemma3, or a local transformers checkpoint dir")
@@ -758,10 +748,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-probe", action="store_true", help="time a training step and the scoring of a few docs")
     p.add_argument("--probe-steps", type=int, default=3, help="timed training steps of --time-probe")
     p.add_argument("--probe-docs", type=int, default=16, help="scored documents per task of --time-probe")
-    p.add_argument("--methods", type=_names, default=list(METHODS), help="methods of the dev stage (default: all)")
-    p.add_argument("--test-methods", type=_names, default=None, help="override the dev choice of the test stage")
     p.add_argument(
-        "--rule-names", type=_names, default=None, help="result names whose dev means the default rule reads"
+        "--methods", type=common.split_names, default=list(METHODS), help="methods of the dev stage (default: all)"
+    )
+    p.add_argument(
+        "--test-methods", type=common.split_names, default=None, help="override the dev choice of the test stage"
+    )
+    p.add_argument(
+        "--rule-names",
+        type=common.split_names,
+        default=None,
+        help="result names whose dev means the default rule reads",
     )
     p.add_argument("--dev-seed", type=int, default=0)
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
@@ -799,11 +796,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.steps < 192:
         p.error("--steps must be at least 192 (4x the 48 steps of the first efficacy runs; issue 22)")
     if "," in args.lora_targets:
-        args.lora_targets = _names(args.lora_targets)
+        args.lora_targets = common.split_names(args.lora_targets)
     unknown = [m for m in [*args.methods, *(args.test_methods or [])] if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    alias = args.model if args.model in common.MODEL_ALIASES else Path(args.model).name
+    alias = common.model_alias(args.model)
     if args.name is None:
         args.name = f"quick-paper-{alias}" if args.quick else f"paper-{alias}"
     if args.rule_names is None:

@@ -49,7 +49,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "InfoSteer regularizer": ("entropy-w0.01", {"intervention": "none", "entropy_weight": 0.01}),
 }
 REFERENCE = "SFT"
-CLASSES = ("content", "function", "punctuation", "number", "operator")
+CLASSES = flux_classes.CLASSES
+_records = flux_classes._records
 
 
 def models(runner: efficacy.Runner, args: argparse.Namespace):
@@ -153,11 +154,6 @@ def _class_value(frame, model: str, cls: str, column: str) -> float | None:
     return float(row[column].iloc[0]) if len(row) else None
 
 
-def _records(frame, classes: tuple[str, ...] = (*CLASSES, "all")) -> list[dict[str, Any]]:
-    keep = frame[frame["token_class"].isin(list(classes))]
-    return json.loads(keep.to_json(orient="records"))
-
-
 def _interval(r: dict[str, Any]) -> str:
     return f"{r['mean_diff']:+.2e} [{r['ci_low']:+.2e}, {r['ci_high']:+.2e}]"
 
@@ -216,11 +212,7 @@ def _log(n: int | None) -> float:
 
 def plot(summary: dict[str, Any], path) -> None:
     """Left: paired difference to SFT (all tokens), raw and after the surprisal control. Right: per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     models = [r["model"] for r in summary["differences"] if r["token_class"] == "all"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 3.8), gridspec_kw={"width_ratios": [1, 1.6]})
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(["SFT", *models])}

@@ -1,4 +1,5 @@
-"""Statistics of the efficacy benchmark: mean/std over seeds and paired bootstrap differences over test documents."""
+"""Statistics of the benchmarks: mean/std over seeds and paired bootstrap differences over test documents (efficacy),
+median and interquartile range of per-repeat ratios (overhead)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bits", "mean_std", "paired_differences"]
+__all__ = ["bits", "mean_std", "median_iqr", "paired_differences", "paired_ratios"]
 
 
 def bits(text: str) -> list[int]:
@@ -31,6 +32,31 @@ def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
         return {"mean": math.nan, "std": math.nan, "n": 0, "values": []}
     std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
     return {"mean": float(np.mean(vals)), "std": std, "n": len(vals), "values": vals}
+
+
+def median_iqr(values: Sequence[float]) -> dict[str, float]:
+    """Median, interquartile range, minimum and count of ``values``.
+
+    >>> median_iqr([1.0, 2.0, 3.0, 4.0, 5.0])
+    {'median': 3.0, 'q1': 2.0, 'q3': 4.0, 'min': 1.0, 'n': 5}
+    """
+    q1, med, q3 = np.quantile(values, [0.25, 0.5, 0.75])
+    return {"median": float(med), "q1": float(q1), "q3": float(q3), "min": float(min(values)), "n": len(values)}
+
+
+def paired_ratios(times: dict[str, list[float]], baseline: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per-repeat ratio of each entry of ``times`` to its baseline's time in the same repeat, summarised.
+
+    Entries that are their own baseline (or have none) are left out.
+
+    >>> paired_ratios({"lora": [2.0, 4.0], "gain": [2.2, 4.0]}, {"gain": "lora"})["gain"]["median"]
+    1.05
+    """
+    return {
+        name: median_iqr([t / b for t, b in zip(values, times[baseline[name]])])
+        for name, values in times.items()
+        if baseline.get(name, name) != name
+    }
 
 
 def paired_differences(

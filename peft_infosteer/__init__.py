@@ -1,7 +1,9 @@
 """peft-infosteer: InfoSteer (FFN key-value memory steering) as a native PEFT method.
 
 Importing this package registers ``PeftType.INFOSTEER`` with PEFT, so that ``get_peft_model``,
-``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` work with ``InfoSteerConfig``.
+``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` work with ``InfoSteerConfig``. That is all the import
+does (the start-up hook imports it whenever ``peft`` is imported): it patches no upstream class and changes no logging.
+The model-card wrappers of :mod:`peft_infosteer.hub` are installed when the first InfoSteer model is built.
 
 >>> import peft_infosteer
 >>> from peft import PeftType
@@ -11,19 +13,16 @@ Importing this package registers ``PeftType.INFOSTEER`` with PEFT, so that ``get
 
 from __future__ import annotations
 
-from . import _bnb_notice  # noqa: F401  (before peft imports bitsandbytes)
 from ._registration import INFOSTEER, register
 from .architectures import FFN_OUTPUT_PROJECTIONS, default_target_modules
 from .config import InfoSteerConfig
-from .hub import install_model_card_hooks
 from .layer import InfoSteerLayer
-from .loss import find_infosteer_model, infosteer_loss, last_flux, step_flux_target, track_flux
+from .loss import bind_flux_target, find_infosteer_model, infosteer_loss, last_flux, step_flux_target, track_flux
 from .model import InfoSteerModel
 from .ops import fused_information_flux, information_flux, usage_distribution
 from .version import __version__
 
 register(InfoSteerConfig, InfoSteerModel)
-install_model_card_hooks()  # README of InfoSteer adapters: how to load them (peft_infosteer.hub)
 
 
 def __getattr__(name: str):
@@ -45,6 +44,7 @@ __all__ = [
     "InfoSteerCallback",
     "InfoSteerSFTTrainer",
     "__version__",
+    "bind_flux_target",
     "default_target_modules",
     "find_infosteer_model",
     "fused_information_flux",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from peft.utils.peft_types import PeftType
 
-from ._compat import add_enum_member
+from ._compat import add_enum_member, replace_peft_method
 
 __all__ = ["INFOSTEER", "PREFIX", "ensure_peft_type", "register"]
 
@@ -33,20 +33,14 @@ INFOSTEER: PeftType = ensure_peft_type()
 
 def register(config_cls: type, model_cls: type) -> None:
     """Register ``config_cls`` / ``model_cls`` as PEFT's INFOSTEER method; calling it again is harmless."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING  # public (peft.__all__), read only
     from peft.utils import register_peft_method
 
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(INFOSTEER) is config_cls:
         return
     if INFOSTEER in PEFT_TYPE_TO_CONFIG_MAPPING or INFOSTEER in PEFT_TYPE_TO_TUNER_MAPPING:
         # Another implementation (a future PEFT, or an older copy of this plugin) owns the name: ours wins, so that
-        # adapters saved by this package load with this package's classes.
-        from peft.mapping import PEFT_TYPE_TO_MIXED_MODEL_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
-
-        PEFT_TYPE_TO_CONFIG_MAPPING[INFOSTEER] = config_cls
-        PEFT_TYPE_TO_TUNER_MAPPING[INFOSTEER] = model_cls
-        PEFT_TYPE_TO_PREFIX_MAPPING[INFOSTEER] = PREFIX
-        # ours is not mixed-compatible: never leave the other implementation's class there for our configs
-        PEFT_TYPE_TO_MIXED_MODEL_MAPPING.pop(INFOSTEER, None)
+        # adapters saved by this package load with this package's classes (not mixed-compatible: never left there)
+        replace_peft_method(INFOSTEER, config_cls, model_cls, PREFIX)
         return
     register_peft_method(name=_NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)

@@ -7,8 +7,7 @@ import warnings
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-# transformers.trainer.TRAINER_STATE_NAME, without importing transformers.trainer (slow) for one string
-TRAINER_STATE_NAME = "trainer_state.json"
+from ._compat import TRAINER_STATE_NAME, checkpoint_save_finished
 
 __all__ = ["last_complete_checkpoint"]
 
@@ -31,7 +30,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
             steps.append(int(suffix))
     for step in sorted(steps, reverse=True):
         path = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+        if checkpoint_save_finished(path):
             return path
         warnings.warn(f"skipping {path}: its save did not finish (no {TRAINER_STATE_NAME})", stacklevel=3)
     return None

@@ -108,7 +108,13 @@ class InfoSteerConfig(PeftConfig):
     )
     layers_pattern: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Name of the layer list, e.g. 'layers' or 'h'; only used with `layers_to_transform`."},
+        metadata={
+            "help": (
+                "Name of the model's list of decoder layers, e.g. 'layers' or 'h', whose indices "
+                "`layers_to_transform` names; only used with `layers_to_transform`. Default: the first numbered part "
+                "of a module's name is its layer index."
+            )
+        },
     )
     entropy_weight: float = field(
         default=0.0,

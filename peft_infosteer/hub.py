@@ -9,9 +9,12 @@ and lm-evaluation-harness load the adapter with no import in user code. The card
 - ``PeftModel.push_to_hub`` (transformers' ``PushToHubMixin``) saves, then *overwrites* ``README.md`` with the card
   already on the Hub (or transformers' template), then calls ``self._upload_modified_files(tmp_dir, repo_id, ...)``.
 
-:func:`install_model_card_hooks` wraps those two ``PeftModel`` methods. For a model with an InfoSteer adapter the
-first one adds the InfoSteer section after PEFT's own card update, and the second one re-applies PEFT's card update
-and the InfoSteer section to the README about to be uploaded. Models with other adapter types are left untouched.
+:func:`install_model_card_hooks` wraps those two ``PeftModel`` methods (through
+:func:`peft_infosteer._compat.wrap_peft_model_method`). For a model with an InfoSteer adapter the first one adds the
+InfoSteer section after PEFT's own card update, and the second one re-applies PEFT's card update and the InfoSteer
+section to the README about to be uploaded; for any other model both only call PEFT's own method, so its files are
+byte for byte what PEFT writes (tested). ``InfoSteerModel`` installs them when it is built, not ``import
+peft_infosteer``: a process that never builds an InfoSteer model keeps PEFT's methods as they are.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ._compat import wrap_peft_model_upload
+from ._compat import wrap_peft_model_method
 
 __all__ = ["MODEL_CARD_TAGS", "install_model_card_hooks", "model_card_section", "update_model_card"]
 
@@ -191,22 +194,19 @@ def update_model_card(
 def install_model_card_hooks() -> None:
     """Wrap ``PeftModel.create_or_update_model_card`` and ``PeftModel._upload_modified_files`` (idempotent).
 
-    Both wrappers do nothing extra unless the model carries an InfoSteer adapter.
+    Both wrappers do nothing extra unless the model carries an InfoSteer adapter. ``InfoSteerModel`` calls this when
+    it is built, so user code never needs to; calling it again changes nothing.
     """
-    from peft import PeftModel
 
-    original_card = PeftModel.create_or_update_model_card
-    if not getattr(original_card, "_infosteer_hook", False):
-
+    def wrap_card(original_card):
         @functools.wraps(original_card)
         def create_or_update_model_card(self, output_dir: str):
             original_card(self, output_dir)
             update_model_card(os.path.join(output_dir, "README.md"), self)
 
-        create_or_update_model_card._infosteer_hook = True  # type: ignore[attr-defined]
-        setattr(PeftModel, "create_or_update_model_card", create_or_update_model_card)  # noqa: B010
+        return create_or_update_model_card
 
-    def wrap(original_upload):
+    def wrap_upload(original_upload):
         @functools.wraps(original_upload)
         def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
             # push_to_hub has just replaced PEFT's README with the Hub's card: put PEFT's and ours back in, keeping
@@ -214,10 +214,12 @@ def install_model_card_hooks() -> None:
             if _infosteer_configs(self):
                 readme = os.path.join(working_dir, "README.md")
                 tags = list(ModelCard.load(readme).data.tags or []) if os.path.exists(readme) else []
-                original_card(self, working_dir)
+                card_update = type(self).create_or_update_model_card
+                getattr(card_update, "__wrapped__", card_update)(self, working_dir)  # PEFT's own, without ours
                 update_model_card(readme, self, repo_id=repo_id, extra_tags=tags)
             return original_upload(self, working_dir, repo_id, *args, **kwargs)
 
         return _upload_modified_files
 
-    wrap_peft_model_upload(wrap)
+    wrap_peft_model_method("create_or_update_model_card", wrap_card)
+    wrap_peft_model_method("_upload_modified_files", wrap_upload)

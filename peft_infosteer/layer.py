@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._compat import move_adapter_to_base_layer
+from ._compat import init_tuner_layer_state, move_adapter_to_base_layer
 from .config import InfoSteerConfig
 from .ops import elevate_keys, flatten_keys, gain_keys
 from .regularizer import FluxTracker
@@ -105,7 +105,7 @@ class InfoSteerLayer(BaseTunerLayer):
         self.base_layer = base_layer
         self.infosteer_gain = nn.ParameterDict({})
         self.infosteer_settings: dict[str, SteerSettings] = {}
-        self._disable_adapters = False
+        init_tuner_layer_state(self)  # adapters enabled (PEFT's private flag)
         self.merged_adapters: list[str] = []
         # the dtype each gain was given (float32 unless autocast_adapter_dtype=False): restored if something casts it
         self.gain_dtypes: dict[str, torch.dtype] = {}
@@ -218,15 +218,16 @@ class InfoSteerLayer(BaseTunerLayer):
 
     def steer(self, k: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
         """Apply the interventions of the active adapters that are not merged (or of ``adapter_names``) to ``k``."""
+        compiled = None if self.flux_tracker is None else self.flux_tracker.compiled_math  # the model's setting
         for name in self._unmerged_active() if adapter_names is None else adapter_names:
             settings = self.infosteer_settings[name]
             if settings.intervention == "gain":
                 gain = self.infosteer_gain[name]
                 if gain.requires_grad and torch.is_grad_enabled():
                     _restore_dtype(self, name, gain)
-                k = gain_keys(k, gain)
+                k = gain_keys(k, gain, compiled=compiled)
             elif settings.intervention == "flatten":
-                k = flatten_keys(k, settings.flatten_strength)
+                k = flatten_keys(k, settings.flatten_strength, compiled=compiled)
             elif settings.intervention == "elevate" and (settings.elevate_at_inference or self._in_training_mode()):
                 k = elevate_keys(k, settings.elevate_fraction, settings.elevate_scale, settings.elevate_rank)
         return k
@@ -249,7 +250,7 @@ class Linear(nn.Module, InfoSteerLayer):
     ) -> None:
         super().__init__()
         InfoSteerLayer.__init__(self, base_layer, tracker=tracker)
-        self._active_adapter = adapter_name
+        init_tuner_layer_state(self, active_adapter=adapter_name)
         self.update_layer(adapter_name, config)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compat import MODEL_WRAPPER_ATTRIBUTES
 from .model import InfoSteerModel
 
-__all__ = ["find_infosteer_model", "infosteer_loss", "last_flux", "step_flux_target", "track_flux"]
+__all__ = ["bind_flux_target", "find_infosteer_model", "infosteer_loss", "last_flux", "step_flux_target", "track_flux"]
 
 
 def _unwrap(model: Any) -> Any:
@@ -25,7 +26,7 @@ def _unwrap(model: Any) -> Any:
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
-        for attr in ("module", "_orig_mod"):
+        for attr in MODEL_WRAPPER_ATTRIBUTES:
             inner = getattr(model, attr, None)
             if isinstance(inner, nn.Module):
                 model = inner
@@ -99,15 +100,29 @@ def infosteer_loss(model: Any) -> torch.Tensor:
 def step_flux_target(model: Any) -> None:
     """Update lambda of a flux-target adapter from the optimizer step that just ended (once per parameter update).
 
-    Any ``torch.optim`` optimizer does this by itself after ``optimizer.step()``; call it only in a loop that updates
-    the parameters some other way. A no-op for adapters with a fixed ``entropy_weight``.
+    The ``torch.optim`` optimizer that trains the model does this by itself after ``optimizer.step()`` (see
+    :func:`bind_flux_target`); call it only in a loop that updates the parameters some other way. A no-op for adapters
+    with a fixed ``entropy_weight``.
 
     >>> import peft_infosteer
     >>> # loss.backward(); my_update(params); peft_infosteer.step_flux_target(peft_model)
     """
-    target = find_infosteer_model(model).flux_target
-    if target is not None:
-        target.step()
+    find_infosteer_model(model).flux_state.step_target()
+
+
+def bind_flux_target(model: Any, optimizer: Any | None) -> None:
+    """Update lambda of the model's flux target after each ``optimizer.step()``, and after no other optimizer's.
+
+    Unbound, the target follows every ``torch.optim`` optimizer that holds the model's parameters, which is what a
+    loop with one optimizer needs. Bind when that is not the one to follow: several optimizers over the model's
+    parameters, or one that steps copies of them (DeepSpeed ZeRO). ``optimizer`` may be accelerate's or DeepSpeed's
+    wrapper (the torch optimizer inside is bound); ``None`` unbinds. The trainer integration
+    (:class:`~peft_infosteer.InfoSteerCallback`) binds the trainer's optimizer while it trains.
+
+    >>> import peft_infosteer
+    >>> # optimizer = torch.optim.AdamW(peft_model.parameters()); peft_infosteer.bind_flux_target(peft_model, optimizer)
+    """
+    find_infosteer_model(model).flux_state.bind_optimizer(optimizer)
 
 
 @contextmanager

@@ -17,12 +17,20 @@ from peft.tuners.tuners_utils import delete_adapter as _delete_adapter
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from ._compat import check_adapters_not_merged, transformers_is_loading_an_adapter
+from ._compat import (
+    check_adapters_not_merged,
+    peft_config_hidden,
+    peft_would_target,
+    replace_module,
+    transformers_is_loading_an_adapter,
+)
 from ._registration import PREFIX
 from .architectures import default_target_modules
 from .config import InfoSteerConfig
+from .hub import install_model_card_hooks
 from .layer import _ELEVATE_NOT_MERGEABLE, InfoSteerLayer, Linear
 from .regularizer import FluxTracker
+from .state import FluxState
 from .target import FluxTarget
 from .validation import check_adapter_state_dict, explain_unmatched_targets
 from .version import __version__
@@ -46,22 +54,6 @@ def _infosteer(config: PeftConfig | None) -> InfoSteerConfig:
     return config
 
 
-@contextmanager
-def _peft_config_hidden(model: nn.Module) -> Iterator[None]:
-    """Hide ``model.peft_config`` while a nested ``LoraModel`` is built on ``model``.
-
-    ``BaseTuner.__init__`` writes its config into an existing ``model.peft_config`` (the InfoSteer adapters' dict)
-    and finally replaces it with its own; both would corrupt the InfoSteer model.
-    """
-    saved = model.__dict__.pop("peft_config", None)
-    try:
-        yield
-    finally:
-        model.__dict__.pop("peft_config", None)
-        if saved is not None:
-            model.__dict__["peft_config"] = saved
-
-
 def _shown(targets: Any) -> str:
     return repr(sorted(targets)) if isinstance(targets, (set, list, tuple)) else repr(targets)
 
@@ -80,9 +72,7 @@ def _check_encoder_not_targeted(model: nn.Module, config: InfoSteerConfig) -> No
         return
     in_encoder = {id(m) for m in encoder.modules()}
     hits = [
-        name
-        for name, module in model.named_modules()
-        if id(module) in in_encoder and BaseTuner._check_target_module_exists(config, name)
+        name for name, module in model.named_modules() if id(module) in in_encoder and peft_would_target(config, name)
     ]
     if not hits:
         return
@@ -145,60 +135,41 @@ class InfoSteerModel(BaseTuner):
         lora = peft_config.lora if isinstance(peft_config, InfoSteerConfig) else None
         if lora is not None and transformers_is_loading_an_adapter():
             raise ValueError(_TRANSFORMERS_CANNOT_LOAD_STACKED_LORA)
+        install_model_card_hooks()  # PeftModel's card wrappers, from the first InfoSteer model on (peft_infosteer.hub)
+        # Set before BaseTuner.__init__, which injects the steering layers that share its tracker. A plain attribute
+        # (FluxState is no nn.Module: not a submodule, never in a state dict), read directly: BaseTuner.__getattr__
+        # would look for a missing attribute on the wrapped model instead.
+        self._flux_state = FluxState(model)
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
-    # ---- the tracker shared with the steering layers ----------------------------------------------------------
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # unpickled in a fresh process, no __init__ runs: its saved adapters still get InfoSteer's model card
+        super().__setstate__(state)
+        install_model_card_hooks()
+
+    # ---- the flux state (peft_infosteer.state) ----------------------------------------------------------------
+
+    @property
+    def flux_state(self) -> FluxState:
+        """This model's flux state: tracker, flux targets, what steps them, compiled-math setting (``FluxState``)."""
+        return self._flux_state
 
     @property
     def flux_tracker(self) -> FluxTracker:
         """The per-forward flux state shared by this model's steering layers (see ``peft_infosteer.regularizer``)."""
-        tracker = self.__dict__.get("_flux_tracker")
-        if tracker is None:
-            tracker = FluxTracker()
-            self.__dict__["_flux_tracker"] = tracker
-        return tracker
+        return self._flux_state.tracker
 
     def _steering_layers(self) -> list[InfoSteerLayer]:
-        layers = self.__dict__.get("_steering_layers_cache")
-        if layers is None:
-            layers = [m for m in self.model.modules() if isinstance(m, InfoSteerLayer)]
-            self.__dict__["_steering_layers_cache"] = layers
-        return layers
+        return self._flux_state.steering_layers()
 
     @property
     def flux_target(self) -> FluxTarget | None:
         """The lambda controller of the active adapter when it has a flux target (``None`` for a fixed lambda)."""
-        targets: dict[str, FluxTarget] = self.__dict__.setdefault("_flux_targets", {})
-        name = self.active_adapters[0] if self.active_adapters else None
-        return targets.get(name) if name is not None else None
+        return self._flux_state.active_target
 
     def _sync_tracker(self) -> None:
         """Point the tracker at the active adapter's regularizer weight (after injection, activation, deletion)."""
-        self.__dict__.pop("_steering_layers_cache", None)
-        self.__dict__["_infosteer_label_layout"] = self._label_layout()
-        targets: dict[str, FluxTarget] = self.__dict__.setdefault("_flux_targets", {})
-        for name in [n for n in targets if n not in self.peft_config]:
-            targets.pop(name).close()
-        config = self.peft_config.get(self.active_adapters[0]) if self.active_adapters else None
-        for target in targets.values():  # only the active adapter's target follows optimizer steps
-            target.close()
-        if isinstance(config, InfoSteerConfig) and config.has_flux_target:
-            name = self.active_adapters[0]
-            if name in targets:
-                targets[name].resume()
-            else:
-                targets[name] = FluxTarget(
-                    self.flux_tracker,
-                    rise=config.flux_target_rise,
-                    absolute=config.flux_target,
-                    start_weight=float(config.entropy_weight),
-                    rate=float(config.flux_target_rate),
-                    max_weight=float(config.max_entropy_weight),
-                    legacy_factor=self._log_d_sum(name),
-                )
-            return
-        weight = float(config.entropy_weight) if isinstance(config, InfoSteerConfig) else 0.0
-        self.flux_tracker.set_weight(weight, regularizing=weight > 0)
+        self._flux_state.sync(self.peft_config, list(self.active_adapters), self._label_layout())
 
     def _label_layout(self) -> str:
         """How this model's ``labels`` line up with the positions of the steered layers (``regularizer.token_mask``)."""
@@ -242,7 +213,7 @@ class InfoSteerModel(BaseTuner):
                 config.lora.inference_mode = config.inference_mode
                 lora = config.lora if config.init_weights else dataclasses.replace(config.lora, init_lora_weights=False)
                 lora_state = None if state_dict is None else {k: v for k, v in state_dict.items() if ".lora_" in k}
-                with _peft_config_hidden(model):
+                with peft_config_hidden(model):  # BaseTuner.__init__ would write into the InfoSteer configs
                     _LoraInjector(model, lora, adapter_name, low_cpu_mem_usage, state_dict=lora_state)
             part = "InfoSteer"
             steer_state = None if state_dict is None else {k: v for k, v in state_dict.items() if self.prefix in k}
@@ -251,11 +222,7 @@ class InfoSteerModel(BaseTuner):
             raise explain_unmatched_targets(exc, model, config, part) from exc
         self._convert_legacy_lambda(adapter_name, config)
         self._sync_tracker()
-        if "_infosteer_hook_handles" not in self.__dict__:
-            self.__dict__["_infosteer_hook_handles"] = (
-                model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
-                model.register_forward_hook(self._finish_forward),
-            )
+        self._flux_state.install_forward_hooks(self._begin_forward, self._finish_forward)
         if not config.inference_mode:
             self._warn_unsteered_layers(adapter_name, config)
         if not config.inference_mode and not self._has_trainable_parameters(adapter_name):
@@ -318,23 +285,13 @@ class InfoSteerModel(BaseTuner):
         """
         if config.lambda_in_paper_units:
             return
-        factor = self._log_d_sum(adapter_name)
+        factor = self._flux_state.log_d_sum(adapter_name)
         if factor > 0:
             config.entropy_weight = float(config.entropy_weight) / factor
             config.max_entropy_weight = float(config.max_entropy_weight) / factor
         config.infosteer_version = __version__
         # PEFT's injection activates the adapter, which may have started its flux target from the old values
-        stale = self.__dict__.get("_flux_targets", {}).pop(adapter_name, None)
-        if stale is not None:
-            stale.close()
-
-    def _log_d_sum(self, adapter_name: str) -> float:
-        """Sum of log d_ff over the layers that steer with ``adapter_name``: lambda before 0.2.0 / lambda now."""
-        # not the cached list: it may predate the layers this adapter's injection just created
-        layers = [
-            m for m in self.model.modules() if isinstance(m, InfoSteerLayer) and adapter_name in m.infosteer_settings
-        ]
-        return sum(math.log(layer.in_features) if layer.in_features > 1 else 1.0 for layer in layers)
+        self._flux_state.drop_target(adapter_name)
 
     def _has_trainable_parameters(self, adapter_name: str) -> bool:
         for module in self.model.modules():
@@ -376,7 +333,7 @@ class InfoSteerModel(BaseTuner):
         new_module = Linear(target, adapter_name, config, tracker=self.flux_tracker)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        replace_module(self, parent, target_name, new_module, target)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's cast (float32 unless ``autocast_adapter_dtype=False``); then remember each gain's dtype, which the
@@ -421,7 +378,7 @@ class InfoSteerModel(BaseTuner):
         layers = len(steering)
         tracker.flux_scale = sum(math.log(layer.in_features) if layer.in_features > 1 else 1.0 for layer in steering)
         device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        layout = self.__dict__.get("_infosteer_label_layout", "causal")
+        layout = self._flux_state.label_layout
         tracker.begin(kwargs, with_grad=with_grad, regularizing_layers=layers, device=device, layout=layout)
 
     def _finish_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -435,11 +392,7 @@ class InfoSteerModel(BaseTuner):
         adapter_names: list[str] | None = None,
     ) -> Any:
         model: Any = super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
-        for handle in self.__dict__.pop("_infosteer_hook_handles", ()):
-            handle.remove()  # the plain model that is handed back must not call into this tuner
-        for target in self.__dict__.pop("_flux_targets", {}).values():
-            target.close()
-        self.__dict__.pop("_steering_layers_cache", None)
+        self._flux_state.close()  # the plain model that is handed back must not call into this tuner
         return model
 
     def active_infosteer_config(self) -> InfoSteerConfig:

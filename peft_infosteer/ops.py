@@ -6,16 +6,17 @@ training uses, ``fused_information_flux``, ``gain_keys`` and ``flatten_keys``, r
 (one read of ``k`` forward; backward keeps only ``k`` and row statistics, resp. the output), the low-precision gain as a
 compiled formula, and a float32 gain on CPU as a plain product that keeps only its output (``_GainSavingOutput``).
 Where ``torch.compile`` is unavailable or fails, and when it is switched off (``PEFT_INFOSTEER_COMPILE=0`` or
-:func:`set_compiled_math`), the eager autograd functions with closed-form backward of ``peft_infosteer._closed_form``
-are used; both give the same values and gradients (tested). Inside a model that the user compiles, the same functions
-and formulas are traced into the user's graph (the gain on CPU as ``_GainInCompiledGraph``). Nothing here reads a
-device tensor's value on the host; a float32 gain on CPU looks at its own values to choose what backward keeps.
+:func:`set_compiled_math` for the process, ``FluxState.compiled_math`` for one model), the eager autograd functions
+with closed-form backward of ``peft_infosteer._closed_form`` are used; both give the same values and gradients
+(tested). The compiled functions are shared by the process (``_ProcessCompile``); the choice is each model's.
+Inside a model that the user compiles, the same functions and formulas are traced into the user's graph (the gain on
+CPU as ``_GainInCompiledGraph``). Nothing here reads a device tensor's value on the host; a float32 gain on CPU looks
+at its own values to choose what backward keeps.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -24,6 +25,7 @@ import torch
 
 from ._closed_form import Flatten, FusedFlux, Gain, entropy_terms, flatten_backward, flux_backward, log_d
 from ._elevate import Elevate, elevate_count, elevate_forward, elevate_in_compiled_graph
+from ._env import env_flag
 
 __all__ = [
     "USAGE_MODES",
@@ -40,26 +42,52 @@ __all__ = [
 
 Usage = Literal["abs", "softmax"]
 USAGE_MODES: tuple[str, ...] = ("abs", "softmax")
-_OFF = ("0", "false", "no", "off")
-_compile_state: dict[str, Any] = {
-    "enabled": os.environ.get("PEFT_INFOSTEER_COMPILE", "1").strip().lower() not in _OFF,
-    "compiled": {},
-}
+
+
+class _ProcessCompile:
+    """What the whole process shares about the compiled math: the default setting, the compiled functions, a failure.
+
+    Process-wide on purpose: the ``torch.compile``-d formulas are code, the same for every model, and a failing
+    ``torch.compile`` (no C++ compiler, an unsupported backend) is a fact about the process's toolchain. Whether one
+    model runs compiled is that model's setting (``FluxState.compiled_math``), which its layers pass to the functions
+    below as ``compiled``; ``default`` applies to models without a setting of their own and to direct calls.
+    """
+
+    def __init__(self) -> None:
+        #: ``PEFT_INFOSTEER_COMPILE``, changed by :func:`set_compiled_math`
+        self.default = env_flag("PEFT_INFOSTEER_COMPILE")
+        #: the ``torch.compile``-d formulas, by name
+        self.functions: dict[str, Callable[..., Any]] = {}
+        #: why ``torch.compile`` failed in this process (every call runs eager from then on); ``None`` while it works
+        self.failure: str | None = None
+
+    def use(self, compiled: bool | None) -> bool:
+        """Whether a call asking for ``compiled`` (``None``: the default) runs compiled."""
+        return (self.default if compiled is None else bool(compiled)) and self.failure is None
+
+
+_PROCESS = _ProcessCompile()
 
 
 def set_compiled_math(enabled: bool) -> None:
     """Run the flux and the interventions compiled (the default) or with the eager closed-form functions.
 
+    The process's default: every model without a setting of its own follows it (a model's own:
+    ``find_infosteer_model(model).flux_state.compiled_math``). It also allows a new attempt after ``torch.compile``
+    failed.
+
     >>> set_compiled_math(False); compiled_math_enabled()
     False
     >>> set_compiled_math(True)
     """
-    _compile_state["enabled"] = bool(enabled)
+    _PROCESS.default = bool(enabled)
+    _PROCESS.failure = None
 
 
 def compiled_math_enabled() -> bool:
-    """Whether the next call of the training math goes through ``torch.compile`` (see :func:`set_compiled_math`)."""
-    return bool(_compile_state["enabled"])
+    """Whether the process's default runs the training math through ``torch.compile`` (see :func:`set_compiled_math`);
+    ``False`` after ``torch.compile`` failed in this process."""
+    return _PROCESS.use(None)
 
 
 def _dispatch(
@@ -68,11 +96,13 @@ def _dispatch(
     eager: Callable[..., Any],
     *args: Any,
     compiled_entry: Callable[..., Any] | None = None,
+    compiled: bool | None = None,
 ) -> Any:
-    """``formula`` compiled (or ``compiled_entry``, which compiles its own parts), else ``eager``."""
+    """``formula`` compiled (or ``compiled_entry``, which compiles its own parts) if ``compiled`` asks for it (``None``:
+    the process's default), else ``eager``."""
     if torch.compiler.is_compiling():
         return formula(*args)  # the user's torch.compile traces the formula into its own graph
-    if _compile_state["enabled"]:
+    if _PROCESS.use(compiled):
         try:
             return compiled_entry(*args) if compiled_entry is not None else _compiled(name, formula)(*args)
         except Exception as exc:  # no C++ compiler, an unsupported backend, ...: fall back for good, once
@@ -81,18 +111,18 @@ def _dispatch(
 
 
 def _compiled(name: str, formula: Callable[..., Any]) -> Callable[..., Any]:
-    compiled = _compile_state["compiled"].get(name)
+    compiled = _PROCESS.functions.get(name)
     if compiled is None:
-        compiled = _compile_state["compiled"][name] = torch.compile(formula, dynamic=True)
+        compiled = _PROCESS.functions[name] = torch.compile(formula, dynamic=True)
     return compiled
 
 
 def _compile_failed(exc: Exception) -> None:
-    _compile_state["enabled"] = False
+    _PROCESS.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     warnings.warn(
-        f"peft_infosteer: torch.compile of the InfoSteer math failed ({type(exc).__name__}: "
-        f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager closed-form functions instead "
-        "(same results, slower). Set PEFT_INFOSTEER_COMPILE=0 to skip the attempt.",
+        f"peft_infosteer: torch.compile of the InfoSteer math failed ({_PROCESS.failure}); using the eager "
+        "closed-form functions instead, in every model of this process (same results, slower). Set "
+        "PEFT_INFOSTEER_COMPILE=0 to skip the attempt.",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -139,12 +169,13 @@ def information_flux(k: torch.Tensor, usage: str = "abs", temperature: float = 1
 
 
 def fused_information_flux(
-    k: torch.Tensor, usage: str = "abs", temperature: float = 1.0
+    k: torch.Tensor, usage: str = "abs", temperature: float = 1.0, *, compiled: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Information flux per row of ``k`` (float32) and a mask of the rows where it is defined.
 
     The gradient is the closed form of docs/design.md, section 1; it equals the gradient of :func:`information_flux`.
-    For backward it keeps ``k`` and three float32 numbers per row, nothing of size ``rows x d_ff``.
+    For backward it keeps ``k`` and three float32 numbers per row, nothing of size ``rows x d_ff``. ``compiled``
+    chooses the compiled or the eager path (``None``: the process's default, :func:`set_compiled_math`).
 
     >>> flux, valid = fused_information_flux(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
     >>> flux, valid
@@ -155,7 +186,14 @@ def fused_information_flux(
         raise ValueError("the key vector k must have at least one coefficient (d_ff > 0)")
     softmax = usage == "softmax"
     return _dispatch(
-        f"flux-{usage}", _traced_flux, FusedFlux.apply, k, softmax, float(temperature), compiled_entry=_compiled_flux
+        f"flux-{usage}",
+        _traced_flux,
+        FusedFlux.apply,
+        k,
+        softmax,
+        float(temperature),
+        compiled_entry=_compiled_flux,
+        compiled=compiled,
     )
 
 
@@ -173,8 +211,9 @@ class _FluxFunction(torch.autograd.Function):
     With ``compiled=True`` (the package's compiled path) forward and backward each run as one compiled kernel; with
     ``False`` (inside a user's ``torch.compile``) both are traced into the user's graph. Either way backward keeps
     ``k`` (held by the output projection anyway) and three numbers per row. Traced as a plain formula instead, the
-    compiler's partitioner kept a float32 ``|k| / max |k|`` for backward (+9% peak memory of a compiled SmolLM2 step),
-    and the derived backward of a row of subnormal keys overflowed to inf, where the closed form clamps.
+    compiler's partitioner kept a float32 ``|k| / max |k|`` for backward, one more key-sized tensor per layer (its
+    cost: docs/benchmarks.md, "What does it cost?"), and the derived backward of a row of subnormal keys overflowed to
+    inf, where the closed form clamps.
     """
 
     @staticmethod
@@ -194,7 +233,9 @@ class _FluxFunction(torch.autograd.Function):
         args = (grad_flux, k, h, amax, s, ctx.softmax, ctx.temperature)
         if not ctx.compiled:
             return flux_backward(*args), None, None, None
-        return _dispatch(f"flux-backward-{ctx.softmax}", flux_backward, flux_backward, *args), None, None, None
+        # compiled like the forward was (the model's setting is not at hand here)
+        backward = _dispatch(f"flux-backward-{ctx.softmax}", flux_backward, flux_backward, *args, compiled=True)
+        return backward, None, None, None
 
 
 def _flux_forward(
@@ -204,10 +245,11 @@ def _flux_forward(
     return h / log_d(k), valid, h, amax, s
 
 
-def gain_keys(k: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+def gain_keys(k: torch.Tensor, gain: torch.Tensor, *, compiled: bool | None = None) -> torch.Tensor:
     """The ``gain`` intervention ``k' = g * k`` (per-coefficient gain, broadcast over rows).
 
-    In float32 this is a plain multiply; in lower precision the product is taken in float32 and rounded once.
+    In float32 this is a plain multiply; in lower precision the product is taken in float32 and rounded once, by a
+    compiled formula or the eager function as ``compiled`` says (``None``: the process's default).
 
     >>> gain_keys(torch.tensor([[1.0, 2.0]]), torch.tensor([1.0, 0.5]))
     tensor([[1., 1.]])
@@ -218,7 +260,7 @@ def gain_keys(k: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         if _saves_output(k, gain):
             return _GainSavingOutput.apply(k, gain)
         return k * gain
-    return _dispatch("gain", _gain_formula, Gain.apply, k, gain)
+    return _dispatch("gain", _gain_formula, Gain.apply, k, gain, compiled=compiled)
 
 
 class _GainInCompiledGraph(torch.autograd.Function):
@@ -226,11 +268,10 @@ class _GainInCompiledGraph(torch.autograd.Function):
 
     The gain's gradient sums ``dL/dk' * k`` over all rows. Derived by the compiler, that column sum became a second
     loop that re-read every input of ``dL/dk'`` (the projection's gradients and, with the regularizer, the flux's
-    gradient, which the compiler then wrote out to read it again): 4-5 extra passes over a key-sized tensor per layer.
+    gradient, which the compiler then wrote out to read it again): extra passes over a key-sized tensor per layer.
     Written as ``ones @ (dL/dk' * k)``, the product is one more output of the loop that computes ``dL/dk``, and one
-    BLAS matrix-vector product reads it: fused-kernel time per SmolLM2 layer and step over LoRA's fell from 13.7 to
-    8.4 ms with the regularizer, 12.2 to 1.9 ms without (``benchmarks/results/overhead/smollm2-cpu-kernels-2-layers*``).
-    GPUs keep the derived reduction, which inductor splits across blocks.
+    BLAS matrix-vector product reads it. The kernel profile before and after is in docs/benchmarks.md ("What does it
+    cost?"). GPUs keep the derived reduction, which inductor splits across blocks.
     """
 
     @staticmethod
@@ -284,7 +325,7 @@ class _GainSavingOutput(torch.autograd.Function):
     """The float32 ``gain`` that keeps only ``k'`` (which the output projection keeps anyway) for backward.
 
     Plain autograd of ``k * g`` keeps ``k`` for the gain's gradient beside the ``k'`` a stacked LoRA holds: one more
-    key tensor per layer (+8% peak memory, and the time to fill it, in a SmolLM2 step). Dividing the row sum by ``g``
+    key tensor per layer, and the time to fill it (measured: docs/benchmarks.md). Dividing the row sum by ``g``
     recovers the same gradient (to float32 rounding).
     """
 
@@ -297,8 +338,8 @@ class _GainSavingOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         out, gain = ctx.saved_tensors
-        # eager on purpose: with this backward compiled, an eager SmolLM2 step with gain ran at 1.20x LoRA's time,
-        # eager 0.99x (benchmarks/results/overhead/smollm2-cpu-after-memory-fixes, smollm2-cpu-gain-eager-backward)
+        # eager on purpose: compiled, this small backward made the eager gain step slower, not faster
+        # (docs/benchmarks.md, "What does it cost?")
         return _gain_backward(grad_out, out, gain, bool(ctx.needs_input_grad[0]))
 
 
@@ -329,10 +370,11 @@ def elevate_keys(k: torch.Tensor, fraction: float, scale: float, rank: str = "ma
     return Elevate.apply(k, m, float(scale), by_value)
 
 
-def flatten_keys(k: torch.Tensor, strength: float) -> torch.Tensor:
+def flatten_keys(k: torch.Tensor, strength: float, *, compiled: bool | None = None) -> torch.Tensor:
     """The ``flatten`` intervention: mix the usage distribution with the uniform one, keeping signs and total mass.
 
     ``k'_i = sign(k_i) * ((1 - a) |k_i| + a * mean_j |k_j|)`` with ``a = strength``; ``strength = 0`` is the identity.
+    ``compiled`` chooses the compiled or the eager path (``None``: the process's default).
 
     >>> flatten_keys(torch.tensor([[4.0, 0.0, -2.0, 2.0]]), 0.5)
     tensor([[ 3.,  0., -2.,  2.]])
@@ -342,7 +384,13 @@ def flatten_keys(k: torch.Tensor, strength: float) -> torch.Tensor:
     if strength == 0.0:
         return k
     return _dispatch(
-        "flatten", _flatten_formula, Flatten.apply, k, float(strength), compiled_entry=_CompiledFlatten.apply
+        "flatten",
+        _flatten_formula,
+        Flatten.apply,
+        k,
+        float(strength),
+        compiled_entry=_CompiledFlatten.apply,
+        compiled=compiled,
     )
 
 
@@ -368,4 +416,5 @@ class _CompiledFlatten(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
         (saved,) = ctx.saved_tensors
-        return _dispatch("flatten-backward", flatten_backward, flatten_backward, grad_out, saved, ctx.strength), None
+        args = (grad_out, saved, ctx.strength)
+        return _dispatch("flatten-backward", flatten_backward, flatten_backward, *args, compiled=True), None

@@ -66,6 +66,7 @@ from .ops import fused_information_flux
 
 __all__ = ["LABEL_LAYOUTS", "ForwardFlux", "FluxTracker", "LossPlan", "token_mask"]
 
+# the tracker's two windows (FluxTracker.take_window): forwards with and without gradient; the trainer uses them too
 _TRAIN, _EVAL = "train", "eval"
 # backwards in which the per-token log-probability probe checks that the loss weighs its tokens alike (a sync each)
 _TOKEN_CHECKS = 4
@@ -306,6 +307,8 @@ class FluxTracker:
         #: the trainer callback then logs no ``infosteer/loss``
         self.scale_unknown: str | None = None
         self._token_checks = _TOKEN_CHECKS
+        #: whether this model's layers run the compiled math (``ops``, ``compiled``); ``None``: the process's default
+        self.compiled_math: bool | None = None
 
     # ---- configuration (the model) ---------------------------------------------------------------------------
 
@@ -394,12 +397,12 @@ class FluxTracker:
             if not (self.measure or state.coefficient is not None) or state.finished:
                 return k
             with torch.no_grad():
-                flux, valid = fused_information_flux(k, usage, temperature)
+                flux, valid = fused_information_flux(k, usage, temperature, compiled=self.compiled_math)
                 mask, _ = state.weights_for(flux, with_grad=False)
                 state.carrier = state.carrier + _flux_stats(flux, valid, mask)
             state.measured = True
             return k
-        flux, valid = fused_information_flux(k, usage, temperature)
+        flux, valid = fused_information_flux(k, usage, temperature, compiled=self.compiled_math)
         mask, token_weights = state.weights_for(flux, with_grad=True)
         if token_weights is None:  # no labels and no attention mask: every position counts
             token_weights = torch.full_like(flux, 1.0 / max(flux.numel(), 1))

@@ -18,20 +18,20 @@ The starting flux is the mean flux of the first optimizer step (measured before 
 starting flux are training state (:meth:`FluxTarget.state_dict`): the trainer callback saves them in checkpoints and
 restores them on resume; they are not part of the adapter.
 
-Any ``torch.optim`` optimizer triggers the update: a global step hook calls :meth:`FluxTarget.step` after each
-``optimizer.step()`` (DeepSpeed's and accelerate's wrappers step a torch optimizer too). A loop that updates the
-parameters without one calls ``peft_infosteer.step_flux_target(model)`` once per update.
+The optimizer of the loop that trains the model triggers the update, no other: the model's
+:class:`~peft_infosteer.state.FluxState` calls :meth:`FluxTarget.step` after each ``step()`` of the optimizer bound to
+it (``peft_infosteer.bind_flux_target(model, optimizer)``; the trainer integration binds the trainer's) or, while none
+is bound, of any ``torch.optim`` optimizer that holds the model's parameters. A loop that updates the parameters
+without a torch optimizer calls ``peft_infosteer.step_flux_target(model)`` once per update.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from typing import Any
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .regularizer import FluxTracker
 
@@ -44,7 +44,7 @@ _FLOOR_FRACTION = 1e-4
 
 
 class FluxTarget:
-    """Drives ``tracker.weight`` (lambda) towards a mean-flux target; one per InfoSteer model with a target.
+    """Drives ``tracker.weight`` (lambda) towards a mean-flux target; one per adapter with a target (``FluxState``).
 
     ``start_weight`` and ``max_weight`` are lambdas in the units of ``entropy_weight`` (the paper's lambda); the target
     and the measured flux are normalised flux ``F = H / log d_ff`` in ``[0, 1]``.
@@ -83,7 +83,6 @@ class FluxTarget:
         self._warned_cap = False
         tracker.set_weight(start_weight, regularizing=True)
         tracker.observers.append(self.observe)
-        _register_step_hook(self)
 
     @property
     def target(self) -> float | None:
@@ -159,17 +158,20 @@ class FluxTarget:
         self.tracker.set_weight(self.weight, regularizing=True)
 
     def close(self) -> None:
-        """Stop following optimizer steps (the adapter was deactivated, deleted or unloaded)."""
+        """Stop observing training forwards (the adapter was deactivated, deleted or unloaded)."""
         if self.observe in self.tracker.observers:
             self.tracker.observers.remove(self.observe)
-        _ACTIVE.discard(self)
 
     def resume(self) -> None:
-        """Follow optimizer steps again, from the state it had (the adapter was activated again)."""
+        """Observe training forwards again, from the state it had (the adapter was activated again)."""
         if self.observe not in self.tracker.observers:
             self.tracker.observers.append(self.observe)
-        _register_step_hook(self)
         self.tracker.set_weight(self.weight, regularizing=True)
+
+    @property
+    def pending(self) -> bool:
+        """Whether training forwards were observed since the last :meth:`step`."""
+        return self._window is not None
 
 
 def _collective_device() -> torch.device:
@@ -177,20 +179,3 @@ def _collective_device() -> torch.device:
     if backend == "nccl" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-# ---- one global optimizer hook for every live target ---------------------------------------------------------------
-
-_ACTIVE: weakref.WeakSet[FluxTarget] = weakref.WeakSet()
-_HOOK: list[Any] = []
-
-
-def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for target in list(_ACTIVE):
-        target.step()
-
-
-def _register_step_hook(target: FluxTarget) -> None:
-    _ACTIVE.add(target)
-    if not _HOOK:
-        _HOOK.append(register_optimizer_step_post_hook(_after_optimizer_step))

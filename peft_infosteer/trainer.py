@@ -15,7 +15,6 @@ backward pass, see :mod:`peft_infosteer.regularizer`), exactly for a mean NLL. W
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Mapping
@@ -25,19 +24,26 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ._compat import add_callback_first, set_trainer_tags
+from ._compat import (
+    GRPO_TOKEN_LOSS_TYPES,
+    add_callback_first,
+    add_to_logged_entry,
+    compute_loss_kind,
+    saved_callback_attributes,
+    set_trainer_tags,
+    wrap_trainer_method,
+)
 from .checkpoints import last_complete_checkpoint
 from .hub import update_model_card
 from .loss import find_infosteer_model
 from .model import InfoSteerModel
-from .regularizer import LossPlan
+from .regularizer import _EVAL, _TRAIN, LossPlan
+from .state import FluxState
 
 __all__ = [
     "InfoSteerCallback",
     "InfoSteerSFTTrainer",  # noqa: F822 (built lazily by __getattr__: TRL is optional)
 ]
-
-_TRAIN, _EVAL = "train", "eval"
 
 
 def _find_tuner(model: Any) -> InfoSteerModel | None:
@@ -57,9 +63,10 @@ def _sum_over_ranks(totals: torch.Tensor) -> torch.Tensor:
 class InfoSteerCallback(TrainerCallback, ExportableState):
     """Log ``infosteer/flux`` and ``infosteer/loss`` (and their ``eval_`` forms) for any transformers/TRL trainer.
 
-    With a flux target it also logs ``infosteer/lambda`` and ``infosteer/flux_target``, and keeps lambda and the
-    starting flux in the trainer's checkpoints (``trainer_state.json``), so that ``resume_from_checkpoint`` continues
-    exactly where the run stopped.
+    With a flux target it also logs ``infosteer/lambda`` and ``infosteer/flux_target``, keeps lambda and the starting
+    flux in the trainer's checkpoints (``trainer_state.json``), so that ``resume_from_checkpoint`` continues exactly
+    where the run stopped, and binds the target to the trainer's optimizer while it trains (no other optimizer of the
+    process steps it; ``peft_infosteer.bind_flux_target``).
 
     ``transformers.Trainer`` calls its reporting integrations (TensorBoard, W&B, ...) before the callbacks passed in
     ``callbacks=[...]``, so attach it with :meth:`attach` for them to see the metrics too:
@@ -93,6 +100,10 @@ class InfoSteerCallback(TrainerCallback, ExportableState):
         self._resumed = False
         # the tracker whose measuring train() turned on, and its setting before (restored at the end of training)
         self._measuring: tuple[Any, bool] | None = None
+        # the flux state that train() bound to the trainer's optimizer, and the optimizer bound before (restored then)
+        self._binding: tuple[FluxState, Any] | None = None
+        # a flux state to step from on_optimizer_step: the trainer's optimizer has no torch optimizer to bind inside
+        self._step_on_event: FluxState | None = None
 
     def state(self) -> dict[str, Any]:
         """The flux target's training state (lambda, starting flux), saved with each checkpoint."""
@@ -100,7 +111,9 @@ class InfoSteerCallback(TrainerCallback, ExportableState):
         target = tuner.flux_target if tuner is not None else None
         return {"args": {}, "attributes": {"flux_target": None if target is None else target.state_dict()}}
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         self._model = model
         self._resumed = False
         tuner = _find_tuner(model)
@@ -109,13 +122,29 @@ class InfoSteerCallback(TrainerCallback, ExportableState):
             self._measuring = (tracker, tracker.measure)
             tracker.measure = True  # training forwards without the regularizer, and evaluations during training
             tracker.take_window(_TRAIN)  # forwards made before training are not part of it
+            flux = tuner.flux_state
+            if flux.active_target is not None and optimizer is not None:
+                try:  # the target follows this trainer's optimizer steps, not those of another optimizer
+                    self._binding = (flux, flux.bind_optimizer(optimizer))
+                except TypeError:  # no torch optimizer inside: the trainer's event after each step will do
+                    self._step_on_event = flux
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._step_on_event is not None:
+            self._step_on_event.step_target()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # no leftover state: after training, forwards without grad (generate) measure only when asked
+        # no leftover state: after training, forwards without grad (generate) measure only when asked, and the flux
+        # target follows what it followed before
         if self._measuring is not None:
             tracker, before = self._measuring
             tracker.measure = before
             self._measuring = None
+        if self._binding is not None:
+            flux, previous = self._binding
+            flux.bind_optimizer(previous)
+            self._binding = None
+        self._step_on_event = None
 
     def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         # Resuming: the trainer loads trainer_state.json after on_train_begin, so the first step of a resumed run is
@@ -124,9 +153,7 @@ class InfoSteerCallback(TrainerCallback, ExportableState):
             return
         self._resumed = True
         tuner = _find_tuner(model)
-        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
-        saved = saved[-1] if isinstance(saved, list) and saved else saved
-        target_state = saved.get("attributes", {}).get("flux_target") if isinstance(saved, dict) else None
+        target_state = saved_callback_attributes(state, type(self).__name__).get("flux_target")
         if tuner is not None and tuner.flux_target is not None and target_state is not None:
             tuner.flux_target.load_state_dict(target_state)
 
@@ -161,50 +188,28 @@ class InfoSteerCallback(TrainerCallback, ExportableState):
             if target.target is not None:
                 added["infosteer/flux_target"] = target.target
         logs.update(added)
-        # Trainer.log stored a copy of `logs` in the history before calling the callbacks
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(added)
+        add_to_logged_entry(state, added)  # Trainer.log stored a copy of `logs` before calling the callbacks
 
 
 def _measure_in_evaluation(trainer: Any) -> None:
     """Make ``trainer.evaluation_loop`` (behind ``evaluate`` and ``predict``) measure the flux while it runs, and only
     then: transformers has no callback event at the start of an evaluation."""
-    loop = trainer.evaluation_loop
-    if getattr(loop, "_infosteer_measures", False):
-        return
 
-    @functools.wraps(loop)
-    def evaluation_loop(*args: Any, **kwargs: Any) -> Any:
-        tuner = _find_tuner(trainer.model)
-        if tuner is None:
-            return loop(*args, **kwargs)
-        tracker = tuner.flux_tracker
-        before, tracker.measure = tracker.measure, True
-        try:
-            return loop(*args, **kwargs)
-        finally:
-            tracker.measure = before
+    def measuring(loop: Any) -> Any:
+        def evaluation_loop(*args: Any, **kwargs: Any) -> Any:
+            tuner = _find_tuner(trainer.model)
+            if tuner is None:
+                return loop(*args, **kwargs)
+            tracker = tuner.flux_tracker
+            before, tracker.measure = tracker.measure, True
+            try:
+                return loop(*args, **kwargs)
+            finally:
+                tracker.measure = before
 
-    evaluation_loop._infosteer_measures = True  # type: ignore[attr-defined]
-    trainer.evaluation_loop = evaluation_loop
+        return evaluation_loop
 
-
-# the compute_loss implementations whose normalisation of the task loss is known, by the class that defines them
-_KNOWN_LOSSES = {
-    "transformers.trainer.Trainer": "trainer",
-    "trl.trainer.sft_trainer.SFTTrainer": "sft",
-    "trl.trainer.dpo_trainer.DPOTrainer": "dpo",
-    "trl.trainer.grpo_trainer.GRPOTrainer": "grpo",
-}
-# GRPO loss types normalised by the generation batch's token count; the others are per-micro-batch means
-_GRPO_TOKEN_LOSSES = ("dapo", "cispo", "vespo")
-
-
-def _loss_kind(trainer: Any) -> str | None:
-    for cls in type(trainer).__mro__:
-        if "compute_loss" in vars(cls):
-            return _KNOWN_LOSSES.get(f"{cls.__module__}.{cls.__qualname__}")
-    return None
+    wrap_trainer_method(trainer, "evaluation_loop", measuring)
 
 
 def _loss_plan(kind: str, trainer: Any, inputs: Mapping[str, Any], num_items_in_batch: Any) -> LossPlan | None:
@@ -223,7 +228,7 @@ def _loss_plan(kind: str, trainer: Any, inputs: Mapping[str, Any], num_items_in_
         labels = ids.masked_fill(kept == 0, -100)
         name = f"GRPOTrainer(loss_type={trainer.loss_type!r})"
         steps = trainer.current_gradient_accumulation_steps
-        if trainer.loss_type in _GRPO_TOKEN_LOSSES:
+        if trainer.loss_type in GRPO_TOKEN_LOSS_TYPES:
             items = torch.as_tensor(inputs["num_items_in_batch"], dtype=torch.float32).clamp_min(1.0)
             denominator = items / trainer.accelerator.num_processes * steps / args.steps_per_generation
             return LossPlan(name, labels=labels, override=True, denominator=denominator)
@@ -252,36 +257,37 @@ def _plan_losses(trainer: Any) -> None:
     """Make ``trainer.compute_loss`` tell the tracker how it normalises its loss (a :class:`LossPlan`), so that the
     regularizer of its forwards is normalised like the task loss whatever weights the loss gives its tokens, and
     counts the loss's tokens even when the forward gets no labels. Trainers whose ``compute_loss`` is not one of
-    ``_KNOWN_LOSSES`` keep the model-output probes (exact for a mean NLL; other weightings are detected and warned)."""
-    kind = _loss_kind(trainer)
-    compute_loss = trainer.compute_loss
-    if kind is None or getattr(compute_loss, "_infosteer_plans", False):
+    ``peft_infosteer._compat.KNOWN_COMPUTE_LOSSES`` keep the model-output probes (exact for a mean NLL; other
+    weightings are detected and warned)."""
+    kind = compute_loss_kind(trainer)
+    if kind is None:
         return
 
-    @functools.wraps(compute_loss)
-    def planned_compute_loss(
-        model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None, **kwargs: Any
-    ) -> Any:
-        tuner = _find_tuner(trainer.model)
-        plan = None
-        if tuner is not None and torch.is_grad_enabled() and isinstance(inputs, Mapping):
-            plan = _loss_plan(kind, trainer, inputs, num_items_in_batch)
-        if tuner is None or plan is None:
-            return compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
-            )
-        tracker = tuner.flux_tracker
-        with tracker.planned(plan):
-            result = compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
-            )
-        if return_outputs:
-            loss, outputs = result
-            return tracker.plan_probe(plan, loss), outputs
-        return tracker.plan_probe(plan, result)
+    def planning(compute_loss: Any) -> Any:
+        def planned_compute_loss(
+            model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None, **kwargs: Any
+        ) -> Any:
+            tuner = _find_tuner(trainer.model)
+            plan = None
+            if tuner is not None and torch.is_grad_enabled() and isinstance(inputs, Mapping):
+                plan = _loss_plan(kind, trainer, inputs, num_items_in_batch)
+            if tuner is None or plan is None:
+                return compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
+                )
+            tracker = tuner.flux_tracker
+            with tracker.planned(plan):
+                result = compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
+                )
+            if return_outputs:
+                loss, outputs = result
+                return tracker.plan_probe(plan, loss), outputs
+            return tracker.plan_probe(plan, result)
 
-    planned_compute_loss._infosteer_plans = True  # type: ignore[attr-defined]
-    trainer.compute_loss = planned_compute_loss
+        return planned_compute_loss
+
+    wrap_trainer_method(trainer, "compute_loss", planning)
 
 
 def _make_sft_trainer() -> type:

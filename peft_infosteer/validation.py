@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._compat import filter_state_dict_by_key_prefixes, tuner_state_dict_key_prefixes
+from ._compat import filter_state_dict_by_key_prefixes, full_parameter_shape, tuner_state_dict_key_prefixes
 
 __all__ = [
     "check_adapter_dir",
@@ -142,7 +142,7 @@ def check_adapter_state_dict(
     unexpected = set(state_dict) - set(model_state)
     wrong_shape = []
     for key in set(state_dict) & expected:
-        have = tuple(getattr(model_state[key], "ds_shape", model_state[key].shape))
+        have = full_parameter_shape(model_state[key])
         got = tuple(state_dict[key].shape)
         if have != got:
             wrong_shape.append(f"{key}: {got} in the file, {have} in the model")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from benchmarks import common, efficacy, mc_eval, paper_protocol, stats
+from benchmarks import common, docs_tables, efficacy, mc_eval, paper_protocol, stats
 
 ROOT = Path(__file__).resolve().parents[1]  # the benchmarks run as modules from here: python -m benchmarks.<name>
 
@@ -337,7 +337,7 @@ def test_flux_classes_quick_compares_trained_adapters_per_token_class(tiny_dir, 
 
 
 @pytest.mark.parametrize(
-    "module", [common, efficacy, mc_eval, paper_protocol, stats], ids=lambda m: m.__name__.split(".")[-1]
+    "module", [common, docs_tables, efficacy, mc_eval, paper_protocol, stats], ids=lambda m: m.__name__.split(".")[-1]
 )
 def test_benchmark_docstring_examples(module):
     import doctest
@@ -528,3 +528,63 @@ def test_paper_protocol_quick_runs_every_stage_and_resumes(tiny_dir, tmp_path):
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert all(f"stage {s}:" in probe.stdout for s in paper_protocol.STAGES) and " h (" in probe.stdout
     assert json.loads((tmp_path / "fresh" / "time_probe.json").read_text())["train_s_per_step"] > 0
+
+
+# ---- shared parts and the docs tables (issue 22, benchmarks as a package) -------------------------------------------
+
+
+def test_efficacy_flux_is_what_the_analysis_measures():
+    """efficacy.measure_flux reads the keys with peft_infosteer.analysis: its mean over the supervised tokens is the
+    analysis report's flux averaged over the same tokens and all layers (after elevate's change to the keys)."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    from peft_infosteer import InfoSteerConfig
+    from peft_infosteer.analysis import measure_flux
+
+    tok = tiny_tokenizer()
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    settings = {"intervention": "elevate", "elevate_fraction": 0.1, "elevate_scale": 2.0}
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), InfoSteerConfig(lora=lora, task_type="CAUSAL_LM", **settings))
+    report = measure_flux(model, tok, ["What is 3 plus 3? It is 6.", "What is 12 plus 12?", "It is 4."], batch_size=3)
+    # every token supervised: the flux is taken at each position that predicts a label, i.e. all but the last
+    examples = [{"input_ids": t.token_ids, "labels": t.token_ids} for t in report.texts]
+    flux = efficacy.measure_flux(model, examples, SimpleNamespace(batch_size=2, device="cpu"), tok.pad_token_id)
+    per_token = [t.flux[:-1] for t in report.texts]
+    expected = sum(float(f.sum()) for f in per_token) / sum(f.size for f in per_token)
+    assert report.texts[0].flux.shape[1] == 2 and flux == pytest.approx(expected, abs=1e-5)
+    with model.disable_adapter():  # without elevate the keys, and so the flux, differ
+        assert abs(efficacy.measure_flux(model, examples, SimpleNamespace(batch_size=2, device="cpu"), 0) - flux) > 1e-4
+
+
+def test_docs_tables_match_the_committed_results():
+    """Every generated table in the docs is what its results files give: run python -m benchmarks.docs_tables."""
+    diff = docs_tables.check()
+    assert diff == "", f"stale docs tables; run python -m benchmarks.docs_tables:\n{diff[:3000]}"
+
+
+def test_docs_tables_check_fails_when_a_result_changes(tmp_path, capsys):
+    import shutil
+
+    for doc in docs_tables.DOCS:
+        (tmp_path / doc).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / doc, tmp_path / doc)
+    # paper-* is being written by a running benchmark and is not in the tables; plots and adapters are not read
+    ignore = shutil.ignore_patterns("paper-*", "adapters", "*.png", "*.svg", "*.csv", "*.tmp")
+    shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "benchmarks" / "results", ignore=ignore)
+    assert docs_tables.main(["--check", "--root", str(tmp_path)]) == 0
+    path = tmp_path / "benchmarks" / "results" / "gemma3-default" / "results.json"
+    result = json.loads(path.read_text())
+    result["summary"]["differences"]["infosteer-gain"]["acc_norm"]["mean_all"]["seed_diffs"][0] = 0.0123
+    path.write_text(json.dumps(result))
+    capsys.readouterr()
+    assert docs_tables.main(["--check", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "-| default vs SFT |" in out and "+1.23, -0.88" in out and "docs/benchmarks.md" in out
+    assert docs_tables.write(tmp_path) == ["docs/benchmarks.md"] and docs_tables.check(tmp_path) == ""
+    # a marker naming no known table, or a table whose markers are gone, is an error rather than a silent skip
+    doc = tmp_path / "docs" / "analysis.md"
+    doc.write_text(doc.read_text().replace("docs_tables: flux-classes -->", "docs_tables: no-such-table -->"))
+    with pytest.raises(ValueError, match="no-such-table"):
+        docs_tables.check(tmp_path)

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig
 from reference import build, relative_error, trainable_grads
 
-from peft_infosteer import InfoSteerConfig, ops
+from peft_infosteer import InfoSteerConfig, find_infosteer_model, ops
 
 
 @pytest.fixture
@@ -169,12 +169,47 @@ def test_a_failing_compile_falls_back_to_eager_once(compiled, monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setitem(ops._compile_state, "compiled", {})
+    monkeypatch.setattr(ops._PROCESS, "functions", {})
     k = torch.randn(4, 32)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler here.*eager closed-form"):
         flux, _ = ops.fused_information_flux(k)
     assert not ops.compiled_math_enabled()
     torch.testing.assert_close(flux, ops.information_flux(k), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("default", [False, True], ids=["process-eager", "process-compiled"])
+def test_each_model_keeps_its_own_compiled_math_setting(monkeypatch, default):
+    """Two models in one process, one compiled and one eager: each runs its own path whatever the process's default
+    (which stays as it was), with the same gradients, also under non-reentrant checkpointing (whose recomputation must
+    take the path the forward took)."""
+    compiled_formulas: list[str] = []
+
+    def recording_compile(fn, **kwargs):
+        compiled_formulas.append(fn.__name__)
+        return fn  # the formula itself: which path runs is tested here, the compiler above
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(ops._PROCESS, "functions", {})
+    monkeypatch.setattr(ops._PROCESS, "default", default)
+    settings = dict(intervention="flatten", lora=LoraConfig(r=2, target_modules=["up_proj"]))
+    ids = torch.randint(3, 100, (2, 8))
+    grads = {}
+    for name, enabled, checkpointing in (("eager", False, None), ("compiled", True, None), ("ckpt", True, False)):
+        model = build(5.0, checkpointing=checkpointing, num_layers=1, **settings)
+        find_infosteer_model(model).flux_state.compiled_math = enabled
+        ops._PROCESS.functions.clear()
+        compiled_formulas.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        if enabled:
+            assert {"_flux_forward", "flux_backward", "_flatten_formula", "flatten_backward"} <= set(compiled_formulas)
+        else:
+            assert compiled_formulas == []
+        grads[name] = trainable_grads(model)
+        assert ops.compiled_math_enabled() is default
+    assert relative_error(grads["compiled"], grads["eager"]) < 1e-5
+    assert relative_error(grads["ckpt"], grads["eager"]) < 1e-5
+    with pytest.raises(TypeError, match="True, False or None"):
+        find_infosteer_model(model).flux_state.compiled_math = 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

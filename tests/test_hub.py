@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -170,3 +174,116 @@ def test_other_adapter_types_are_untouched(tiny, tmp_path, hub):
     assert "peft-infosteer" not in (tmp_path / "lora" / "README.md").read_text()
     model.push_to_hub("me/plain-lora")
     assert "peft-infosteer" not in hub.commits[-1]["README.md"].decode()
+
+
+_LORA_FILES = """
+    import os, sys, torch
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import transformers.utils.hub as transformers_hub
+    from huggingface_hub import ModelCard
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import save_file
+    from tiny_models import tiny_model
+
+    out, infosteer_first = Path(sys.argv[1]), sys.argv[2] == "1"
+    if infosteer_first:  # an InfoSteer model in the same process, built and saved before the LoRA model
+        from peft_infosteer import InfoSteerConfig
+
+        get_peft_model(tiny_model("llama"), InfoSteerConfig(intervention="gain")).save_pretrained(out / "infosteer")
+        assert "InfoSteer adapter" in (out / "infosteer" / "README.md").read_text()
+    else:
+        assert "peft_infosteer" not in sys.modules
+    wrapped = [getattr(getattr(PeftModel, n), "_infosteer_hook", False)
+               for n in ("create_or_update_model_card", "_upload_modified_files")]
+    assert wrapped == [infosteer_first] * 2, wrapped
+
+    pushed = out / "pushed"
+    pushed.mkdir(parents=True)
+
+    class Api:  # what push_to_hub would upload, no network
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=repo_id)
+
+        def create_branch(self, **kwargs):
+            return None
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            for op in operations:
+                source = op.path_or_fileobj
+                data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source.read()
+                (pushed / op.path_in_repo).write_bytes(data)
+            return SimpleNamespace(commit_url="https://hub.invalid/me/lora/commit/1", oid="1")
+
+    load_local = ModelCard.load
+
+    def load_card(repo_id, **kwargs):
+        if Path(repo_id).is_file():
+            return load_local(repo_id, **kwargs)
+        raise transformers_hub.EntryNotFoundError(f"{repo_id} has no README.md")
+
+    transformers_hub.hf_api = lambda: Api()
+    ModelCard.load = staticmethod(load_card)
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(tiny_model("llama"), lora)
+    model.save_pretrained(out / "lora")
+    model.push_to_hub("me/lora")
+    ids = torch.arange(3, 15).reshape(2, -1)
+    with torch.no_grad():
+        logits = model(ids).logits
+        reloaded = PeftModel.from_pretrained(tiny_model("llama"), out / "lora")(ids).logits
+    save_file({"logits": logits.contiguous(), "reloaded": reloaded.contiguous()}, out / "logits.safetensors")
+"""
+
+
+def test_an_unrelated_lora_model_is_byte_for_byte_unaffected(tmp_path):
+    """A LoRA model saved, pushed and run after an InfoSteer model exists in the process (the card wrappers installed)
+    gives exactly the files and outputs of a fresh process where peft-infosteer was never imported."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONHASHSEED"] = "0"  # PEFT writes target_modules, a set, in hash order
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    code = textwrap.dedent(_LORA_FILES)
+    outs = {flag: tmp_path / f"infosteer-first-{flag}" for flag in ("1", "0")}
+    procs = {
+        flag: subprocess.Popen(
+            [sys.executable, "-c", code, str(out), flag],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "PEFT_INFOSTEER_AUTOLOAD": flag},  # "0": not even the start-up hook imports the package
+        )
+        for flag, out in outs.items()
+    }
+    for proc in procs.values():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-4000:]
+    after, fresh = outs["1"], outs["0"]
+
+    def listing(root: Path) -> list[str]:  # the LoRA model's files (not the InfoSteer adapter's)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+    files = listing(fresh)
+    assert {"lora/README.md", "lora/adapter_model.safetensors", "pushed/README.md", "logits.safetensors"} <= set(files)
+    assert [f for f in listing(after) if not f.startswith("infosteer/")] == files
+    different = [name for name in files if (after / name).read_bytes() != (fresh / name).read_bytes()]
+    assert not different
+
+
+def test_a_model_unpickled_in_a_fresh_process_saves_the_infosteer_card(tiny, tmp_path):
+    """Unpickling runs no ``__init__``: ``InfoSteerModel.__setstate__`` installs the card wrappers instead."""
+    import pickle
+
+    model, base = _model(tiny, tmp_path)
+    pickled = tmp_path / "model.pkl"
+    pickled.write_bytes(pickle.dumps(model))
+    out = tmp_path / "adapter"
+    code = "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()).save_pretrained(sys.argv[2])"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(pickled), str(out)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _check_card((out / "README.md").read_text(), base)

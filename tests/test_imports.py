@@ -14,12 +14,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "peft_infosteer"
 
 # lower layers first: a module may import only modules of its own or an earlier layer
 LAYERS: list[set[str]] = [
-    {"version", "_bnb_notice", "_compat", "_closed_form", "_elevate", "ops"},
+    {"version", "_env", "_compat", "_closed_form", "_elevate", "ops"},
     {"regularizer", "target", "architectures", "_registration", "validation"},
     {"config"},
     {"layer"},
-    {"model"},
-    {"loss", "hub", "checkpoints", "assets"},
+    {"model", "state", "hub"},
+    {"loss", "checkpoints", "assets"},
     {"trainer", "cli", "commands", "analysis", "__init__"},
 ]
 

@@ -1,5 +1,6 @@
 """The flux target (``peft_infosteer.target``): lambda as a dual variable, updated once per optimizer step from the
-step's mean flux, bounded, capped with a warning, checkpointed, and driven by any optimizer or one documented call."""
+step's mean flux, bounded, capped with a warning, checkpointed, and driven by the optimizer that trains the model (the
+bound one, else any over the model's parameters; never another) or one documented call."""
 
 from __future__ import annotations
 
@@ -221,3 +222,122 @@ def test_resume_from_checkpoint_continues_lambda_exactly(tmp_path):
     }
     # the resumed run's history holds the checkpoint's steps 1-2 and its own 3-4
     assert len(lambdas["full"]) == 4 and lambdas["resumed"] == pytest.approx(lambdas["full"], rel=1e-5)
+
+
+# ---- which optimizer steps the target ---------------------------------------------------------------------------
+
+
+def _train_forward(model) -> None:
+    model(input_ids=IDS, labels=IDS).loss.backward()
+
+
+def _unrelated_optimizer() -> torch.optim.Optimizer:
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.ones(3)
+    return torch.optim.SGD([weight], lr=0.1)
+
+
+def test_a_bound_optimizer_steps_lambda_and_no_other_optimizer_does():
+    model = _model(flux_target_rise=0.01, entropy_weight=1.0)
+    target = peft_infosteer.find_infosteer_model(model).flux_target
+    params = [p for p in model.parameters() if p.requires_grad]
+    a = torch.optim.SGD(params, lr=0.1)
+    peft_infosteer.bind_flux_target(model, a)
+    other = torch.optim.SGD(params, lr=0.0)  # a second optimizer, even over the model's own parameters
+    for step in range(1, 3):
+        _train_forward(model)
+        weight = target.weight
+        _unrelated_optimizer().step()
+        other.step()
+        assert target.steps == step - 1 and target.weight == weight
+        a.step()
+        a.zero_grad()
+        assert target.steps == step and target.weight != weight
+    peft_infosteer.bind_flux_target(model, None)  # unbound: any optimizer over the model's parameters again
+    _train_forward(model)
+    other.step()
+    assert target.steps == 3
+
+
+def test_unbound_only_an_optimizer_that_holds_the_models_parameters_steps_lambda():
+    first, second = _model(flux_target_rise=0.01, entropy_weight=1.0), _model(flux_target_rise=0.01, entropy_weight=1.0)
+    targets = [peft_infosteer.find_infosteer_model(m).flux_target for m in (first, second)]
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (first, second)]
+    _train_forward(first)
+    _train_forward(second)
+    with pytest.warns(UserWarning, match="holds none of its parameters.*bind_flux_target"):
+        _unrelated_optimizer().step()  # e.g. DeepSpeed's flattened copies: told once, per model
+    assert [t.steps for t in targets] == [0, 0]
+    optimizers[0].step()  # the first model's optimizer steps its target, not the second model's
+    assert [t.steps for t in targets] == [1, 0] and targets[0].weight != 1.0 and targets[1].weight == 1.0
+    optimizers[1].step()
+    assert [t.steps for t in targets] == [1, 1]
+
+
+def test_the_trainer_binds_its_optimizer_while_it_trains(tmp_path):
+    from transformers import TrainerCallback
+
+    moved: list[int] = []
+
+    class SecondOptimizer(TrainerCallback):
+        """Steps a second optimizer over the model's own parameters (lr 0) before each step of the trainer's."""
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            target = peft_infosteer.find_infosteer_model(model).flux_target
+            before = target.steps
+            torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0).step()
+            moved.append(target.steps - before)
+
+    torch.manual_seed(0)
+    trainer = InfoSteerSFTTrainer(
+        model=tiny_model("llama", vocab_size=len(tiny_tokenizer())), args=_sft_args(tmp_path),
+        train_dataset=_dataset(), processing_class=tiny_tokenizer(), peft_config=_config(),
+        callbacks=[SecondOptimizer()],
+    )  # fmt: skip
+    trainer.train()
+    state = peft_infosteer.find_infosteer_model(trainer.model).flux_state
+    assert moved == [0, 0, 0, 0]  # the second optimizer never stepped lambda
+    assert state.active_target.steps == 4  # the trainer's optimizer did, once per step
+    assert state.bound_optimizer is None  # after training: unbound, as before
+
+
+def test_a_copy_follows_no_optimizer_of_the_original_and_an_unloaded_model_none():
+    import copy
+
+    model = _model(flux_target_rise=0.01, entropy_weight=1.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    peft_infosteer.bind_flux_target(model, optimizer)
+    twin = copy.deepcopy(model)
+    twin_state = peft_infosteer.find_infosteer_model(twin).flux_state
+    assert twin_state.bound_optimizer is None
+    _train_forward(twin)
+    with pytest.warns(UserWarning, match="holds none of its parameters"):
+        optimizer.step()  # the original's optimizer: not the copy's parameters
+    assert twin_state.active_target.steps == 0
+    torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.1).step()
+    assert twin_state.active_target.steps == 1
+    target = peft_infosteer.find_infosteer_model(model).flux_target
+    _train_forward(model)
+    model.merge_and_unload()
+    optimizer.step()
+    assert target.steps == 0  # unloaded: its flux state let go of the optimizer
+
+
+def test_when_the_bound_optimizer_is_gone_any_optimizer_over_the_parameters_steps_lambda():
+    import gc
+    import pickle
+
+    model = _model(flux_target_rise=0.01, entropy_weight=1.0)
+    target = peft_infosteer.find_infosteer_model(model).flux_target
+    params = [p for p in model.parameters() if p.requires_grad]
+    peft_infosteer.bind_flux_target(model, torch.optim.SGD(params, lr=0.1))  # bound, then dropped by the loop
+    gc.collect()
+    _train_forward(model)
+    torch.optim.SGD(params, lr=0.1).step()
+    assert target.steps == 1
+    # a pickled copy is a whole model too: its own target, following its own parameters' optimizer
+    copy = pickle.loads(pickle.dumps(model))
+    copy_target = peft_infosteer.find_infosteer_model(copy).flux_target
+    _train_forward(copy)
+    torch.optim.SGD([p for p in copy.parameters() if p.requires_grad], lr=0.1).step()
+    assert copy_target.steps == 2 and target.steps == 1

@@ -12,11 +12,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .report import FluxReport
+from .report import FluxReport, _check_unique_names
 from .stats import (
     _class_order,
     add_surprisal_residuals,
@@ -223,26 +223,21 @@ def compare_reports(
     reports = [reports] if isinstance(reports, FluxReport) else list(reports)
     if not reports:
         raise ValueError("no reports to compare")
+    _check_unique_names(reports)
     names = [r.model for r in reports]
-    if len(set(names)) != len(names):
-        raise ValueError(f"model names must be unique, got {names}")
     reference = names[0] if reference is None else reference
     if reference not in names:
         raise ValueError(f"reference {reference!r} is not one of the models {names}")
     _check_same_tokens(reports)
     tokens = add_surprisal_residuals(token_table(reports, layers=layers, drop_first=drop_first), degree=degree)
-    summary = class_summary(tokens, unit=unit, n_boot=n_boot, confidence=confidence, seed=seed).rename(
-        columns={"mean": "mean_flux"}
-    )
-    residual = class_summary(
-        tokens, "flux_residual", unit=unit, n_boot=n_boot, confidence=confidence, seed=seed
-    ).rename(columns={"mean": "mean_residual"})
+    # every interval of the report uses the same bootstrap
+    boot: dict[str, Any] = dict(n_boot=n_boot, confidence=confidence, seed=seed)
+    summary = class_summary(tokens, unit=unit, **boot).rename(columns={"mean": "mean_flux"})
+    residual = class_summary(tokens, "flux_residual", unit=unit, **boot).rename(columns={"mean": "mean_residual"})
     residual = residual.drop(columns=["mean_surprisal"])
     # paired differences are always resampled by text, whatever `unit` says for the per-model means
-    differences = class_differences(tokens, reference, n_boot=n_boot, confidence=confidence, seed=seed)
-    residual_differences = class_differences(
-        tokens, reference, "flux_residual", n_boot=n_boot, confidence=confidence, seed=seed
-    )
+    differences = class_differences(tokens, reference, **boot)
+    residual_differences = class_differences(tokens, reference, "flux_residual", **boot)
     with_specificity = all(r.has_specificity for r in reports)
     layer_rows = []
     for r in reports:
@@ -258,14 +253,12 @@ def compare_reports(
     spec_tables: dict[str, pd.DataFrame] = {}
     if with_specificity:
         tokens = add_surprisal_residuals(tokens, degree=degree, value="specificity")
-        spec_tables["specificity_summary"] = class_summary(
-            tokens, "specificity", unit=unit, n_boot=n_boot, confidence=confidence, seed=seed
-        ).rename(columns={"mean": "mean_specificity"})
-        spec_tables["specificity_differences"] = class_differences(
-            tokens, reference, "specificity", n_boot=n_boot, confidence=confidence, seed=seed
+        spec_tables["specificity_summary"] = class_summary(tokens, "specificity", unit=unit, **boot).rename(
+            columns={"mean": "mean_specificity"}
         )
+        spec_tables["specificity_differences"] = class_differences(tokens, reference, "specificity", **boot)
         spec_tables["specificity_residual_differences"] = class_differences(
-            tokens, reference, "specificity_residual", n_boot=n_boot, confidence=confidence, seed=seed
+            tokens, reference, "specificity_residual", **boot
         )
     layer_desc = "all layers" if layers is None else f"layers {list(layers)}"
     return FluxComparison(
@@ -278,15 +271,7 @@ def compare_reports(
         residual_summary=residual,
         residual_differences=residual_differences,
         layers=pd.DataFrame(layer_rows),
-        settings=dict(
-            layers_desc=layer_desc,
-            drop_first=drop_first,
-            unit=unit,
-            degree=degree,
-            n_boot=n_boot,
-            confidence=confidence,
-            seed=seed,
-        ),
+        settings=dict(layers_desc=layer_desc, drop_first=drop_first, unit=unit, degree=degree, **boot),
         specificity_summary=spec_tables.get("specificity_summary"),
         specificity_differences=spec_tables.get("specificity_differences"),
         specificity_residual_differences=spec_tables.get("specificity_residual_differences"),

@@ -59,7 +59,7 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _default_name(model: nn.Module) -> str:
-    path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    path = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
     return os.path.basename(path.rstrip("/")) or "model"
 
 

@@ -237,15 +237,20 @@ class FluxReport:
             )
             for t in data["texts"]
         ]
+        return cls._from_meta(data, texts)
+
+    @classmethod
+    def _from_meta(cls, meta: dict[str, Any], texts: list[TextFlux]) -> FluxReport:
+        """Inverse of :meth:`_meta`, given the texts (the JSON and the Parquet form store them differently)."""
         return cls(
-            model=data["model"],
-            layer_names=list(data["layer_names"]),
+            model=meta["model"],
+            layer_names=list(meta["layer_names"]),
             texts=texts,
-            usage=data.get("usage", "abs"),
-            usage_temperature=float(data.get("usage_temperature", 1.0)),
-            surprisal_unit=data.get("surprisal_unit", "nats"),
-            metadata=dict(data.get("metadata") or {}),
-            memory_entropy=data.get("memory_entropy"),
+            usage=meta.get("usage", "abs"),
+            usage_temperature=float(meta.get("usage_temperature", 1.0)),
+            surprisal_unit=meta.get("surprisal_unit", "nats"),
+            metadata=dict(meta.get("metadata") or {}),
+            memory_entropy=meta.get("memory_entropy"),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -371,13 +376,4 @@ def _report_from_frame(df: pd.DataFrame, meta: dict[str, Any]) -> FluxReport:
                 ),
             )
         )
-    return FluxReport(
-        model=meta["model"],
-        layer_names=list(meta["layer_names"]),
-        texts=texts,
-        usage=meta.get("usage", "abs"),
-        usage_temperature=float(meta.get("usage_temperature", 1.0)),
-        surprisal_unit=meta.get("surprisal_unit", "nats"),
-        metadata=dict(meta.get("metadata") or {}),
-        memory_entropy=meta.get("memory_entropy"),
-    )
+    return FluxReport._from_meta(meta, texts)

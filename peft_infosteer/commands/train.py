@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from ..config import ElevateRank, InfoSteerConfig, Intervention
-from ..ops import Usage
+from ..config import InfoSteerConfig
 
 __all__ = [
     "InfoSteerArguments",
@@ -26,67 +25,34 @@ __all__ = [
 ]
 
 
-def _default(name: str) -> Any:
-    """``InfoSteerConfig``'s default for ``name``: the command line and the TRL-style script use the same ones."""
-    return InfoSteerConfig.__dataclass_fields__[name].default
+def _flag(name: str) -> Any:
+    """A field with ``InfoSteerConfig``'s default and help for its field ``name``: the command line, the TRL-style
+    script and the Python API share one default and one description of each setting."""
+    source = InfoSteerConfig.__dataclass_fields__[name]
+    # argparse formats help texts with %-placeholders: a literal "1%" must reach it as "1%%"
+    return field(default=source.default, metadata={"help": source.metadata["help"].replace("%", "%%")})
 
 
 @dataclass
 class InfoSteerArguments:
-    """InfoSteer settings for the SFT script (see ``InfoSteerConfig`` for their meaning; same defaults)."""
+    """InfoSteer settings for the SFT script: the fields of ``InfoSteerConfig`` (same meaning and defaults), the
+    target modules and layers prefixed with ``infosteer_`` so that they do not clash with TRL's LoRA flags."""
 
-    entropy_weight: float = field(
-        default=_default("entropy_weight"),
-        metadata={"help": "The paper's lambda >= 0 of the entropy regularizer (0 = off; the paper used 0.01, 0.05)."},
-    )
-    intervention: str = field(
-        default=_default("intervention"),
-        metadata={"help": "Forward intervention: 'elevate' (the paper's), 'none', 'gain' or 'flatten'."},
-    )
-    elevate_fraction: float = field(
-        default=_default("elevate_fraction"),
-        metadata={"help": "The paper's p: fraction in (0, 1) of d_ff that 'elevate' replaces in each token."},
-    )
-    elevate_scale: float = field(
-        default=_default("elevate_scale"),
-        metadata={"help": "The paper's alpha >= 0: 'elevate' sets the bottom p to alpha times the mean."},
-    )
-    elevate_rank: str = field(
-        default=_default("elevate_rank"),
-        metadata={"help": "'magnitude' (smallest |k|, signed keys) or 'value' (the literal reading)."},
-    )
-    elevate_at_inference: bool = field(
-        default=_default("elevate_at_inference"),
-        metadata={"help": "Whether 'elevate' also acts at inference (False: training only, and the adapter merges)."},
-    )
-    flatten_strength: float = field(
-        default=_default("flatten_strength"), metadata={"help": "Strength in [0, 1] of 'flatten'."}
-    )
-    flux_target_rise: float | None = field(
-        default=_default("flux_target_rise"),
-        metadata={
-            "help": "Follow a mean-flux target this far above the starting flux (lambda starts at entropy_weight)."
-        },
-    )
-    flux_target: float | None = field(
-        default=_default("flux_target"), metadata={"help": "An absolute mean-flux target in (0, 1)."}
-    )
-    flux_target_rate: float = field(
-        default=_default("flux_target_rate"), metadata={"help": "Largest change of log(lambda) per optimizer step."}
-    )
-    max_entropy_weight: float = field(
-        default=_default("max_entropy_weight"), metadata={"help": "Cap of lambda when following a flux target."}
-    )
-    usage: str = field(default=_default("usage"), metadata={"help": "Usage distribution: 'abs' or 'softmax'."})
-    usage_temperature: float = field(
-        default=_default("usage_temperature"), metadata={"help": "Temperature of the softmax usage."}
-    )
-    infosteer_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "FFN output projections to steer (default: per architecture)."}
-    )
-    infosteer_layers_to_transform: list[int] | None = field(
-        default=None, metadata={"help": "Decoder layer indices to steer (default: all)."}
-    )
+    entropy_weight: float = _flag("entropy_weight")
+    intervention: str = _flag("intervention")
+    elevate_fraction: float = _flag("elevate_fraction")
+    elevate_scale: float = _flag("elevate_scale")
+    elevate_rank: str = _flag("elevate_rank")
+    elevate_at_inference: bool = _flag("elevate_at_inference")
+    flatten_strength: float = _flag("flatten_strength")
+    flux_target_rise: float | None = _flag("flux_target_rise")
+    flux_target: float | None = _flag("flux_target")
+    flux_target_rate: float = _flag("flux_target_rate")
+    max_entropy_weight: float = _flag("max_entropy_weight")
+    usage: str = _flag("usage")
+    usage_temperature: float = _flag("usage_temperature")
+    infosteer_target_modules: list[str] | None = _flag("target_modules")  # noqa: RUF009 (a field)
+    infosteer_layers_to_transform: list[int] | None = _flag("layers_to_transform")  # noqa: RUF009 (a field)
 
 
 def build_infosteer_config(model_args: Any, infosteer_args: InfoSteerArguments):
@@ -94,30 +60,12 @@ def build_infosteer_config(model_args: Any, infosteer_args: InfoSteerArguments):
     from peft import LoraConfig
     from trl import get_peft_config
 
-    from ..config import InfoSteerConfig
-
     lora = get_peft_config(model_args)  # None without --use_peft
     if lora is not None and not isinstance(lora, LoraConfig):
         raise ValueError(f"InfoSteer stacks a LoRA adapter; TRL's flags built a {type(lora).__name__}")
-    return InfoSteerConfig(
-        entropy_weight=infosteer_args.entropy_weight,
-        intervention=cast(Intervention, infosteer_args.intervention),  # InfoSteerConfig validates both
-        flatten_strength=infosteer_args.flatten_strength,
-        elevate_fraction=infosteer_args.elevate_fraction,
-        elevate_scale=infosteer_args.elevate_scale,
-        elevate_rank=cast(ElevateRank, infosteer_args.elevate_rank),
-        elevate_at_inference=infosteer_args.elevate_at_inference,
-        flux_target_rise=infosteer_args.flux_target_rise,
-        flux_target=infosteer_args.flux_target,
-        flux_target_rate=infosteer_args.flux_target_rate,
-        max_entropy_weight=infosteer_args.max_entropy_weight,
-        usage=cast(Usage, infosteer_args.usage),
-        usage_temperature=infosteer_args.usage_temperature,
-        target_modules=infosteer_args.infosteer_target_modules,
-        layers_to_transform=infosteer_args.infosteer_layers_to_transform,
-        lora=lora,
-        task_type="CAUSAL_LM",
-    )
+    # InfoSteerConfig validates the values (an unknown intervention, usage or elevate_rank included)
+    settings = {f.name.removeprefix("infosteer_"): getattr(infosteer_args, f.name) for f in fields(infosteer_args)}
+    return InfoSteerConfig(**settings, lora=lora, task_type="CAUSAL_LM")
 
 
 def load_sft_dataset(name_or_path: str, config_name: str | None = None, streaming: bool = False):

@@ -1,0 +1,28 @@
+"""The package's on/off environment switches, read one way.
+
+``PEFT_INFOSTEER_COMPILE`` (:mod:`peft_infosteer.ops`) is read through :func:`env_flag`. The start-up hook
+``_peft_infosteer_autoload`` is a standalone top-level module that must not import this package, so it keeps its own
+copy of :data:`OFF_VALUES` for ``PEFT_INFOSTEER_AUTOLOAD``; ``tests/test_registration.py`` checks that both read the
+same values the same way.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["OFF_VALUES", "env_flag"]
+
+OFF_VALUES: tuple[str, ...] = ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool = True) -> bool:
+    """Whether the switch ``name`` is on: off for ``0``, ``false``, ``no`` or ``off`` (any case, spaces around
+    ignored), on for any other value, ``default`` when the variable is unset.
+
+    >>> env_flag("PEFT_INFOSTEER_NEVER_SET_ANYWHERE")
+    True
+    """
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in OFF_VALUES
