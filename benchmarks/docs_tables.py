@@ -472,7 +472,16 @@ TABLES: dict[str, Table] = {
                     "{memory:smollm2-cpu-elevate-compiled-opaque:compiled/elevate}",
                     "",
                     "",
-                ]
+                ],
+                [
+                    "`smollm2-cpu-elevate-compiled-int-rank/`"
+                    " ({repeats:smollm2-cpu-elevate-compiled-int-rank} repeats)",
+                    "",
+                    "{time:smollm2-cpu-elevate-compiled-int-rank:compiled/elevate}",
+                    "{memory:smollm2-cpu-elevate-compiled-int-rank:compiled/elevate}",
+                    "",
+                    "",
+                ],
             ],
         ),
     ),

@@ -46,10 +46,25 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# |k| ranked as integers: a float with its sign bit cleared, read as a signed integer of its width, orders like the
+# float (NaN above +inf, as topk ranks it), and topk compares integers faster than floats, which it checks for NaN
+_MAGNITUDE_BITS = {
+    torch.float32: (torch.int32, 0x7FFFFFFF),
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF),
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.bfloat16: (torch.int16, 0x7FFF),
+}
+
+
 def _select(k: torch.Tensor, m: int, by_value: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the ``m`` lowest-ranked coefficients of each row, and the row mean (at least float32, kept dim)."""
-    key = k if by_value else k.abs()
-    index = torch.topk(key, m, dim=-1, largest=False, sorted=False).indices
+    bits = None if by_value else _MAGNITUDE_BITS.get(k.dtype)
+    if bits is not None:
+        rank_key = k.view(bits[0]) & bits[1]
+        key = rank_key.view(k.dtype)  # exactly k.abs(), from the same pass
+    else:
+        rank_key = key = k if by_value else k.abs()
+    index = torch.topk(rank_key, m, dim=-1, largest=False, sorted=False).indices
     mean = key.mean(dim=-1, keepdim=True, dtype=_compute_dtype(k.dtype))
     return index, mean
 

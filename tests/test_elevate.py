@@ -542,3 +542,26 @@ def test_inside_a_compiled_graph_values_and_gradients_are_the_eager_ones(rank, d
     eager = run(lambda x: elevate_keys(x, 0.05, 2.0, rank))
     compiled = run(torch.compile(lambda x: elevate_keys(x, 0.05, 2.0, rank) * 1.0, fullgraph=True))
     assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_magnitudes_ranked_as_integers_select_what_float_ranking_selects(dtype):
+    """``|k|`` is ranked through its bits as integers: the same selection and values as ranking ``k.abs()`` as floats,
+    with NaN (ranked above +inf), infinities, -0.0 and subnormals in the rows."""
+    from peft_infosteer._elevate import _select
+
+    torch.manual_seed(0)
+    k = (torch.randn(6, 200, dtype=torch.float64) * torch.logspace(-3, 3, 200, dtype=torch.float64)).to(dtype)
+    k[0, 5] = float("nan")
+    k[1, 7], k[1, 8] = float("inf"), float("-inf")
+    k[2, 11] = -0.0
+    k[3, 13] = torch.finfo(dtype).tiny / 4  # subnormal
+    k[4, 17] = -torch.finfo(dtype).tiny / 4
+    index, mean = _select(k, 3, by_value=False)
+    expected = torch.topk(k.abs(), 3, dim=-1, largest=False).indices
+    assert torch.equal(index.sort(-1).values, expected.sort(-1).values)
+    wide = torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(mean, k.abs().to(wide).mean(-1, keepdim=True), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(
+        elevate_keys(k, 0.015, 1.5), elevate_reference(k, 0.015, 1.5), rtol=0, atol=0, equal_nan=True
+    )
