@@ -482,6 +482,16 @@ TABLES: dict[str, Table] = {
                     "",
                     "",
                 ],
+                [
+                    "`smollm2-cpu-elevate-generation-int-rank/`",
+                    "",
+                    "",
+                    "",
+                    "{gen:smollm2-cpu-elevate-generation-int-rank:1/elevate}"
+                    " / {gen:smollm2-cpu-elevate-generation-int-rank:4/elevate}",
+                    "{gen:smollm2-cpu-elevate-generation-int-rank:1/elevate-training-only}"
+                    " / {gen:smollm2-cpu-elevate-generation-int-rank:4/elevate-training-only}",
+                ],
             ],
         ),
     ),
