@@ -482,16 +482,17 @@ TABLES: dict[str, Table] = {
                     "",
                     "",
                 ],
+            ]
+            + [
                 [
-                    "`smollm2-cpu-elevate-generation-int-rank/`",
+                    f"`{run}/`",
                     "",
                     "",
                     "",
-                    "{gen:smollm2-cpu-elevate-generation-int-rank:1/elevate}"
-                    " / {gen:smollm2-cpu-elevate-generation-int-rank:4/elevate}",
-                    "{gen:smollm2-cpu-elevate-generation-int-rank:1/elevate-training-only}"
-                    " / {gen:smollm2-cpu-elevate-generation-int-rank:4/elevate-training-only}",
-                ],
+                    f"{{gen:{run}:1/elevate}} / {{gen:{run}:4/elevate}}",
+                    f"{{gen:{run}:1/elevate-training-only}} / {{gen:{run}:4/elevate-training-only}}",
+                ]
+                for run in ("smollm2-cpu-elevate-generation-int-rank", "smollm2-cpu-elevate-generation-fewer-kernels")
             ],
         ),
     ),

@@ -17,6 +17,7 @@ selection. Nothing is read on the host.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=256)  # called per layer and token: a few (fraction, d_ff) pairs per process
 def elevate_count(fraction: float, d: int) -> int:
     """``ceil(fraction * d)``, at least 1 and at most ``d`` (rounded first, so 0.01 * 100 counts 1, not 2).
 
@@ -47,12 +49,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # |k| ranked as integers: a float with its sign bit cleared, read as a signed integer of its width, orders like the
-# float (NaN above +inf, as topk ranks it), and topk compares integers faster than floats, which it checks for NaN
+# float (NaN above +inf, as topk ranks it), and topk compares integers faster than floats, which it checks for NaN.
+# The masks are 0-dim tensors of the integer dtype (usable with keys on any device): a Python int would be wrapped
+# and converted on every call, which at one token per call costs as much as the masking itself.
 _MAGNITUDE_BITS = {
-    torch.float32: (torch.int32, 0x7FFFFFFF),
-    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF),
-    torch.float16: (torch.int16, 0x7FFF),
-    torch.bfloat16: (torch.int16, 0x7FFF),
+    dtype: (bits, torch.tensor(mask, dtype=bits))
+    for dtype, bits, mask in (
+        (torch.float32, torch.int32, 0x7FFFFFFF),
+        (torch.float64, torch.int64, 0x7FFFFFFFFFFFFFFF),
+        (torch.float16, torch.int16, 0x7FFF),
+        (torch.bfloat16, torch.int16, 0x7FFF),
+    )
 }
 
 
@@ -60,12 +67,13 @@ def _select(k: torch.Tensor, m: int, by_value: bool) -> tuple[torch.Tensor, torc
     """Indices of the ``m`` lowest-ranked coefficients of each row, and the row mean (at least float32, kept dim)."""
     bits = None if by_value else _MAGNITUDE_BITS.get(k.dtype)
     if bits is not None:
-        rank_key = k.view(bits[0]) & bits[1]
+        rank_key = k.view(bits[0]).bitwise_and(bits[1])
         key = rank_key.view(k.dtype)  # exactly k.abs(), from the same pass
     else:
         rank_key = key = k if by_value else k.abs()
     index = torch.topk(rank_key, m, dim=-1, largest=False, sorted=False).indices
-    mean = key.mean(dim=-1, keepdim=True, dtype=_compute_dtype(k.dtype))
+    wide = _compute_dtype(k.dtype)  # asking for the dtype the keys already have would copy them
+    mean = key.mean(dim=-1, keepdim=True) if wide == k.dtype else key.mean(dim=-1, keepdim=True, dtype=wide)
     return index, mean
 
 
@@ -80,14 +88,19 @@ def elevate_forward(
     """The elevated keys, the selected indices and the original values there (what the backward keeps).
 
     Also the whole computation when no gradient is needed (generation): a handful of kernels and no autograd node,
-    since at one token per call their count, not their arithmetic, is the cost.
+    since at one token per call their count, not their arithmetic, is the cost (each one dispatched with the caches
+    cold from the layer's matmuls), so no kernel runs that the formula does not need.
     """
     index, mean = _select(k, m, by_value)
     picked = k.gather(-1, index)
-    new = (scale * mean).to(k.dtype)
-    if not by_value:  # each replaced coefficient keeps its own sign; the sign of 0 counts as +
-        new = torch.where(picked >= 0, new, -new)
-    return k.scatter(-1, index, new.expand_as(picked)), index, picked
+    new = mean if scale == 1.0 else mean * scale
+    if new.dtype != k.dtype:
+        new = new.to(k.dtype)
+    if by_value:
+        return k.scatter(-1, index, new.expand_as(picked)), index, picked
+    # each replaced coefficient keeps its own sign, the sign of 0 counting as +: -0.0 + 0.0 is +0.0 (the backward
+    # reads only sign(picked), which is 0 for either zero)
+    return k.scatter(-1, index, torch.copysign(new, picked.add_(0.0))), index, picked
 
 
 class Elevate(torch.autograd.Function):

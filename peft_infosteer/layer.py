@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ._compat import init_tuner_layer_state, move_adapter_to_base_layer
 from .config import InfoSteerConfig
-from .ops import elevate_keys, flatten_keys, gain_keys
+from .ops import elevate_checked, flatten_keys, gain_keys
 from .regularizer import FluxTracker
 
 __all__ = ["InfoSteerLayer", "Linear", "SteerSettings"]
@@ -229,7 +229,8 @@ class InfoSteerLayer(BaseTunerLayer):
             elif settings.intervention == "flatten":
                 k = flatten_keys(k, settings.flatten_strength, compiled=compiled)
             elif settings.intervention == "elevate" and (settings.elevate_at_inference or self._in_training_mode()):
-                k = elevate_keys(k, settings.elevate_fraction, settings.elevate_scale, settings.elevate_rank)
+                by_value = settings.elevate_rank == "value"  # the settings were validated with their config
+                k = elevate_checked(k, settings.elevate_fraction, settings.elevate_scale, by_value)
         return k
 
 

@@ -362,12 +362,21 @@ def elevate_keys(k: torch.Tensor, fraction: float, scale: float, rank: str = "ma
         raise ValueError(f"elevate_rank must be 'magnitude' or 'value', got {rank!r}")
     if k.shape[-1] == 0:
         raise ValueError("the key vector k must have at least one coefficient (d_ff > 0)")
-    m, by_value = elevate_count(fraction, k.shape[-1]), rank == "value"
+    return elevate_checked(k, fraction, float(scale), rank == "value")
+
+
+def elevate_checked(k: torch.Tensor, fraction: float, scale: float, by_value: bool) -> torch.Tensor:
+    """:func:`elevate_keys` for arguments validated already (a layer's settings, validated with its config).
+
+    The steering layer calls this once per layer and token in generation, where the checks would be a measurable
+    part of the cost.
+    """
+    m = elevate_count(fraction, k.shape[-1])
     if torch.compiler.is_compiling():  # inside a user's compiled graph: two opaque operators, not traced
-        return elevate_in_compiled_graph(k, m, float(scale), by_value)
+        return elevate_in_compiled_graph(k, m, scale, by_value)
     if not (k.requires_grad and torch.is_grad_enabled()):  # generation: no autograd node to build
-        return elevate_forward(k, m, float(scale), by_value)[0]
-    return Elevate.apply(k, m, float(scale), by_value)
+        return elevate_forward(k, m, scale, by_value)[0]
+    return Elevate.apply(k, m, scale, by_value)
 
 
 def flatten_keys(k: torch.Tensor, strength: float, *, compiled: bool | None = None) -> torch.Tensor:
