@@ -13,10 +13,11 @@ A generated table sits between two markers in a docs file (``docs/benchmarks.md`
     <!-- end generated -->
 
 ``TABLES[<id>]`` names the docs file and builds the table from the results files. Regular tables (the efficacy
-benchmark's means and paired differences, the tests of the default, the flux-by-class and specificity analyses) are
-built by functions; tables that gather cells from several runs (the overhead and GPU-cost tables) are written as
-cell templates whose ``{kind:...}`` fields are filled from the results (see ``FIELDS``), so their wording stays in
-this file and every number comes from a results file. To change such a table, edit it here and run the command.
+benchmark's means and paired differences, the tests of the default, the paper replication, the flux-by-class and
+specificity analyses) are built by functions; tables that gather cells from several runs (the overhead and GPU-cost
+tables) are written as cell templates whose ``{kind:...}`` fields are filled from the results (see ``FIELDS``), so
+their wording stays in this file and every number comes from a results file. To change such a table, edit it here
+and run the command.
 """
 
 from __future__ import annotations
@@ -189,6 +190,58 @@ def target_sweep(models: Sequence[tuple[str, str]], points: Sequence[str], seed:
     return build
 
 
+# ---- the paper's protocol (results/paper-<model>/<stage>.json) -------------------------------------------------
+
+
+def paper_replication(models: Sequence[tuple[str, str]], stage: str = "dev", metric: str = "acc_norm"):
+    """The paper's ablation (average accuracy and its difference to SFT) next to ours: per model, the paired
+    difference to SFT on the eight-task mean with its 95% interval, from ``paper-<model>/<stage>.json``. A model whose
+    stage has no summary yet, or a method it has not run yet, shows "not run yet"; a partial stage says so."""
+
+    def build(res: Results) -> str:
+        results = {
+            name: res.json(f"{name}/{stage}.json") if (res.dir / name / f"{stage}.json").is_file() else None
+            for _, name in models
+        }
+        present = [r for r in results.values() if r is not None]
+        if not present:
+            raise FileNotFoundError(f"no {stage}.json of {[n for _, n in models]}: run the paper protocol first")
+        paper = present[0]["paper_averages"]
+        methods = ["base", *dict.fromkeys(m for r in present for m in r["methods"])]
+        header = ["method", "paper: average", "paper: − SFT"]
+        for label, name in models:
+            status = results[name]["status"] if results[name] is not None else "complete"
+            header.append(f"{label}, {stage}: − SFT" + ("" if status == "complete" else f" ({status})"))
+        rows = []
+        for method in methods:
+            row = [f"`{method}`"]
+            if method in paper:
+                row += [f"{paper[method]:.1f}", "" if method == "sft" else f"{paper[method] - paper['sft']:+.1f}"]
+            else:
+                row += ["", ""]
+            for _, name in models:
+                result = results[name]
+                if result is None:
+                    row.append("not run yet")
+                elif method == "sft":
+                    row.append("")
+                elif method == "base":
+                    up = result["sft_minus_base"]
+                    e = up[metric]["mean_ID"] if up is not None else None
+                    row.append(
+                        diff_cell({"diff": -e["diff"], "ci_low": -e["ci_high"], "ci_high": -e["ci_low"]})
+                        if e is not None
+                        else "not run yet"
+                    )
+                else:
+                    d = result["summary"]["differences"].get(method)
+                    row.append(diff_cell(d[metric]["mean_ID"]) if d is not None else "not run yet")
+            rows.append(row)
+        return markdown_table(header, rows)
+
+    return build
+
+
 # ---- analyses of trained adapters (results/flux-classes/, results/specificity/) ----------------------------------
 
 
@@ -349,6 +402,14 @@ TABLES: dict[str, Table] = {
                 "gain-w100",
             ],
         ),
+    ),
+    "paper-replication-dev": Table(
+        "docs/benchmarks.md",
+        paper_replication([("SmolLM2-135M-Instruct", "paper-smollm2"), ("Gemma-3-270M", "paper-gemma3")]),
+    ),
+    "paper-replication-dev-acc": Table(
+        "docs/benchmarks.md",
+        paper_replication([("SmolLM2-135M-Instruct", "paper-smollm2"), ("Gemma-3-270M", "paper-gemma3")], metric="acc"),
     ),
     "default-smollm2": Table("docs/benchmarks.md", default_test("smollm2-default", "SmolLM2-135M-Instruct", 2)),
     "default-gemma3": Table("docs/benchmarks.md", default_test("gemma3-default", "Gemma-3-270M", 1)),

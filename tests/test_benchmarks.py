@@ -570,9 +570,14 @@ def test_docs_tables_check_fails_when_a_result_changes(tmp_path, capsys):
     for doc in docs_tables.DOCS:
         (tmp_path / doc).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / doc, tmp_path / doc)
-    # paper-* is being written by a running benchmark and is not in the tables; plots and adapters are not read
+    # the tables read only the stage summaries of paper-* (whose runs a running benchmark may be writing); plots and
+    # adapters are not read
     ignore = shutil.ignore_patterns("paper-*", "adapters", "*.png", "*.svg", "*.csv", "*.tmp")
-    shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "benchmarks" / "results", ignore=ignore)
+    results = tmp_path / "benchmarks" / "results"
+    shutil.copytree(ROOT / "benchmarks" / "results", results, ignore=ignore)
+    for summary in (ROOT / "benchmarks" / "results").glob("paper-*/*.json"):
+        (results / summary.parent.name).mkdir(exist_ok=True)
+        shutil.copy(summary, results / summary.parent.name / summary.name)
     assert docs_tables.main(["--check", "--root", str(tmp_path)]) == 0
     path = tmp_path / "benchmarks" / "results" / "gemma3-default" / "results.json"
     result = json.loads(path.read_text())
@@ -588,3 +593,26 @@ def test_docs_tables_check_fails_when_a_result_changes(tmp_path, capsys):
     doc.write_text(doc.read_text().replace("docs_tables: flux-classes -->", "docs_tables: no-such-table -->"))
     with pytest.raises(ValueError, match="no-such-table"):
         docs_tables.check(tmp_path)
+
+
+def test_paper_replication_table_puts_ours_beside_the_papers(tmp_path):
+    """Differences to SFT beside the paper's, base as minus SFT-over-base, and what has not run said plainly."""
+    diff = {"acc_norm": {"mean_ID": {"diff": -0.008, "ci_low": -0.02, "ci_high": 0.005}}}
+    up = {"acc_norm": {"mean_ID": {"diff": 0.041, "ci_low": 0.008, "ci_high": 0.075}}}
+    dev = {
+        "status": "partial: 1 runs remain; rerun to resume",
+        "methods": {"sft": {}, "elevate-p1-a1": {}, "elevate-p1-a2": {}},
+        "summary": {"differences": {"elevate-p1-a1": diff}},
+        "sft_minus_base": up,
+        "paper_averages": {"base": 71.4, "sft": 72.6, "elevate-p1-a1": 73.8, "elevate-p1-a2": 75.5},
+    }
+    (tmp_path / "benchmarks" / "results" / "paper-a").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "paper-a" / "dev.json").write_text(json.dumps(dev))
+    table = docs_tables.paper_replication([("A", "paper-a"), ("B", "paper-b")])(docs_tables.Results(tmp_path))
+    rows = {line.split(" | ")[0].strip("| `"): line for line in table.splitlines()[2:]}
+    assert "A, dev: − SFT (partial: 1 runs remain; rerun to resume)" in table.splitlines()[0]
+    assert rows["base"] == "| `base` | 71.4 | -1.2 | **-4.1 [-7.5, -0.8]** | not run yet |"
+    assert rows["elevate-p1-a1"] == "| `elevate-p1-a1` | 73.8 | +1.2 | -0.8 [-2.0, +0.5] | not run yet |"
+    assert rows["elevate-p1-a2"] == "| `elevate-p1-a2` | 75.5 | +2.9 | not run yet | not run yet |"
+    with pytest.raises(FileNotFoundError, match="paper-b"):
+        docs_tables.paper_replication([("B", "paper-b")])(docs_tables.Results(tmp_path))
