@@ -527,22 +527,18 @@ TABLES: dict[str, Table] = {
             ]
             + [
                 [
-                    "`smollm2-cpu-elevate-compiled-opaque/` ({repeats:smollm2-cpu-elevate-compiled-opaque} repeats)",
+                    f"`{run}/` ({{repeats:{run}}} repeats)",
                     "",
-                    "{time:smollm2-cpu-elevate-compiled-opaque:compiled/elevate}",
-                    "{memory:smollm2-cpu-elevate-compiled-opaque:compiled/elevate}",
-                    "",
-                    "",
-                ],
-                [
-                    "`smollm2-cpu-elevate-compiled-int-rank/`"
-                    " ({repeats:smollm2-cpu-elevate-compiled-int-rank} repeats)",
-                    "",
-                    "{time:smollm2-cpu-elevate-compiled-int-rank:compiled/elevate}",
-                    "{memory:smollm2-cpu-elevate-compiled-int-rank:compiled/elevate}",
+                    f"{{time:{run}:compiled/elevate}}",
+                    f"{{memory:{run}:compiled/elevate}}",
                     "",
                     "",
-                ],
+                ]
+                for run in (
+                    "smollm2-cpu-elevate-compiled-opaque",
+                    "smollm2-cpu-elevate-compiled-int-rank",
+                    "smollm2-cpu-elevate-compiled-fewer-kernels",
+                )
             ]
             + [
                 [
