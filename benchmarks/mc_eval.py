@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from peft_infosteer._compat import cache_argument
+
 __all__ = ["EVAL_FORMATS", "MCItem", "adds_bos", "build_items", "chat_question", "score_items", "score_docs"]
 
 EVAL_FORMATS: tuple[str, ...] = ("rc", "chat")
@@ -158,7 +160,8 @@ def _score_batch(model: Any, batch: list[_Group], device: torch.device, pad_id: 
     ctx_pos = (ctx_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ctx, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True, logits_to_keep=1)
     first_logp = out.logits[:, -1].float().log_softmax(-1)
-    cache = out.past_key_values
+    cache_name = cache_argument(model)
+    cache = getattr(out, cache_name)
 
     row_group = [i for i, g in enumerate(batch) for _ in g.conts]
     conts = [c for g in batch for c in g.conts]
@@ -173,7 +176,7 @@ def _score_batch(model: Any, batch: list[_Group], device: torch.device, pad_id: 
     cache.batch_select_indices(index)
     mask = torch.cat([ctx_mask.index_select(0, index), cont_mask], dim=1)
     pos = ctx_mask.sum(-1).index_select(0, index).unsqueeze(-1) + torch.arange(lt, device=device)
-    logits = model(input_ids=cont, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+    logits = model(input_ids=cont, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_name: cache}).logits
     # log p(cont[0] | ctx) from the context pass, log p(cont[t] | ctx, cont[:t]) from the continuation pass
     first = first_logp.index_select(0, index).gather(1, cont[:, :1]).squeeze(1)
     rest = logits[:, :-1].float().log_softmax(-1).gather(2, cont[:, 1:].unsqueeze(-1)).squeeze(-1)

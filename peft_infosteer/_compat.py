@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import inspect
 import os
 import sys
 import types
@@ -52,6 +53,8 @@ __all__ = [
     # model wrappers and DeepSpeed (loss.py, validation.py)
     "MODEL_WRAPPER_ATTRIBUTES",
     "full_parameter_shape",
+    # transformers' model forward across versions (commands/demo.py, benchmarks)
+    "cache_argument",
 ]
 
 # Private methods of PEFT base classes that this package overrides (the tuner-author interface of PEFT 0.21). PEFT
@@ -347,3 +350,14 @@ def full_parameter_shape(tensor: torch.Tensor) -> tuple[int, ...]:
     the file's weights with empty placeholders.
     """
     return tuple(getattr(tensor, "ds_shape", tensor.shape))
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model``'s forward takes its key-value cache and its output returns it.
+
+    ``cache`` in transformers versions that renamed it (5.25 deprecates ``past_key_values`` with a FutureWarning on
+    every call), ``past_key_values`` before. A PEFT model is asked about its base model.
+    """
+    get_base_model = getattr(model, "get_base_model", None)
+    base = get_base_model() if callable(get_base_model) else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"

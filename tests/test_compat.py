@@ -483,3 +483,21 @@ def test_full_parameter_shape():
         pytest.skip("DeepSpeed is not installed")
     source = (Path(spec.origin).parent / "runtime" / "zero" / "partition_parameters.py").read_text()
     assert "param.ds_shape = param.shape" in source, "DeepSpeed ZeRO-3 no longer keeps the full shape in ds_shape"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_cache_argument_is_what_the_forward_takes_and_returns_without_a_warning(tiny, model_type):
+    import warnings
+
+    model = get_peft_model(tiny(model_type), LoraConfig(target_modules=["q_proj"]))
+    name = _compat.cache_argument(model)
+    assert name == _compat.cache_argument(model.get_base_model())
+    ids = torch.tensor([[1, 2, 3]])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", FutureWarning)
+        out = model(input_ids=ids, use_cache=True)
+        cache = getattr(out, name)
+        assert cache is not None
+        step = model(input_ids=torch.tensor([[4]]), use_cache=True, **{name: cache}).logits
+        full = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-4, atol=1e-5)

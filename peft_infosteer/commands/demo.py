@@ -82,15 +82,12 @@ def _option_scores(model, tokenizer, doc: dict[str, Any]) -> list[float]:
     the log-probability of answering exactly that option; the highest-scoring option is the model's choice. The
     question is encoded once and its key-value cache shared by the options.
     """
-    import inspect
-
     import torch
 
+    from .._compat import cache_argument
     from ..assets import mc_chat_example
 
-    # newer transformers (5.25 included) name the cache argument and output field `cache`, deprecating `past_key_values`
-    forward = inspect.signature(model.get_base_model().forward).parameters
-    cache_name = "cache" if "cache" in forward else "past_key_values"
+    cache_name = cache_argument(model)
     question = mc_chat_example(doc)["messages"][:1]
     prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_dict=True)["input_ids"]
     replies = []
