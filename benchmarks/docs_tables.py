@@ -211,7 +211,8 @@ def paper_replication(models: Sequence[tuple[str, str]], stage: str = "dev", met
         header = ["method", "paper: average", "paper: − SFT"]
         for label, name in models:
             status = results[name]["status"] if results[name] is not None else "complete"
-            header.append(f"{label}, {stage}: − SFT" + ("" if status == "complete" else f" ({status})"))
+            partial = status.split(";")[0]  # "partial: N runs remain"
+            header.append(f"{label}, {stage}: − SFT" + ("" if status == "complete" else f" ({partial})"))
         rows = []
         for method in methods:
             row = [f"`{method}`"]

@@ -610,7 +610,7 @@ def test_paper_replication_table_puts_ours_beside_the_papers(tmp_path):
     (tmp_path / "benchmarks" / "results" / "paper-a" / "dev.json").write_text(json.dumps(dev))
     table = docs_tables.paper_replication([("A", "paper-a"), ("B", "paper-b")])(docs_tables.Results(tmp_path))
     rows = {line.split(" | ")[0].strip("| `"): line for line in table.splitlines()[2:]}
-    assert "A, dev: − SFT (partial: 1 runs remain; rerun to resume)" in table.splitlines()[0]
+    assert "A, dev: − SFT (partial: 1 runs remain) |" in table.splitlines()[0]
     assert rows["base"] == "| `base` | 71.4 | -1.2 | **-4.1 [-7.5, -0.8]** | not run yet |"
     assert rows["elevate-p1-a1"] == "| `elevate-p1-a1` | 73.8 | +1.2 | -0.8 [-2.0, +0.5] | not run yet |"
     assert rows["elevate-p1-a2"] == "| `elevate-p1-a2` | 75.5 | +2.9 | not run yet | not run yet |"
