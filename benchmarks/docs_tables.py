@@ -533,7 +533,19 @@ TABLES: dict[str, Table] = {
                     "smollm2-cpu-elevate-compiled-opaque",
                     "smollm2-cpu-elevate-compiled-int-rank",
                     "smollm2-cpu-elevate-compiled-fewer-kernels",
+                    "smollm2-cpu-elevate-compiled-native",
                 )
+            ]
+            + [
+                [
+                    f"`{run}/` ({{repeats:{run}}} repeats)",
+                    f"{{time:{run}:eager/elevate}}",
+                    "",
+                    f"{{memory:{run}:eager/elevate}}",
+                    "",
+                    "",
+                ]
+                for run in ("smollm2-cpu-elevate-eager-native",)
             ]
             + [
                 [
@@ -544,7 +556,11 @@ TABLES: dict[str, Table] = {
                     f"{{gen:{run}:1/elevate}} / {{gen:{run}:4/elevate}}",
                     f"{{gen:{run}:1/elevate-training-only}} / {{gen:{run}:4/elevate-training-only}}",
                 ]
-                for run in ("smollm2-cpu-elevate-generation-int-rank", "smollm2-cpu-elevate-generation-fewer-kernels")
+                for run in (
+                    "smollm2-cpu-elevate-generation-int-rank",
+                    "smollm2-cpu-elevate-generation-fewer-kernels",
+                    "smollm2-cpu-elevate-generation-native",
+                )
             ],
         ),
     ),

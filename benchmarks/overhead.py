@@ -31,11 +31,12 @@ repeat against the baseline of the same repeat, summarised by the median and the
    dominates whole-step ratios on a shared CPU. ``--layers 2`` keeps the first two decoder layers (real weights)
    for a quick per-layer number.
 5. **Selecting the bottom p%** (``selection``): on key tensors ``[rows, d_ff]`` (the training step's rows and one
-   decode step's), float32 and bfloat16: ``torch.topk(|k|, m, largest=False)`` (what ``elevate`` uses, the
-   baseline), ``torch.kthvalue`` + a threshold mask, a full ``torch.sort``, and an exact threshold search (bisection
-   on the bit patterns of ``|k|``, one counting pass per bit); each selection alone, forward only. Beside them the
-   whole ``elevate`` forward + backward (``ops.elevate_keys``), its plain-autograd reference, and the layer it sits
-   in: the LoRA output projection ``d_ff -> hidden`` forward + backward, the baseline of the ``elevate`` rows.
+   decode step's), float32 and bfloat16: ``torch.topk(|k|, m, largest=False)`` (what ``elevate``'s ATen path uses,
+   the baseline), ``torch.kthvalue`` + a threshold mask, a full ``torch.sort``, and an exact threshold search
+   (bisection on the bit patterns of ``|k|``, one counting pass per bit); each selection alone, forward only. Beside
+   them the whole ``elevate`` forward + backward (``ops.elevate_keys``: on CPU the native kernel), the same on the
+   ATen path (``elevate-aten``), its plain-autograd reference, and the layer it sits in: the LoRA output projection
+   ``d_ff -> hidden`` forward + backward, the baseline of the ``elevate`` rows.
 
 Everything (compiles included) is warmed up before timing; warm-up time is reported separately. Graphs compiled
 after the warm-up (in the timed and memory steps) are counted; they should be 0.
@@ -583,6 +584,7 @@ def selection_functions(
     """Bottom-``m`` selections of ``|k|`` (forward only), and forward + backward of ``elevate`` and of the layer."""
     from peft_infosteer import ops
     from peft_infosteer._elevate import elevate_reference
+    from peft_infosteer._native import native_kernel_enabled, set_native_kernel
 
     fraction = m / k.shape[-1]  # elevate_count(fraction, d) == m
     weight, lora_a, lora_b = lora
@@ -608,6 +610,14 @@ def selection_functions(
         ops.elevate_keys(k, fraction, 1.0).backward(grad_k)
         k.grad = None
 
+    def elevate_aten() -> None:  # the same, with the ATen kernels the native CPU kernel replaces
+        before = native_kernel_enabled()
+        set_native_kernel(False)
+        try:
+            elevate()
+        finally:
+            set_native_kernel(before)
+
     def reference() -> None:
         elevate_reference(k, fraction, 1.0).backward(grad_k)
         k.grad = None
@@ -621,6 +631,7 @@ def selection_functions(
     selections = dict(zip(SELECTIONS, (topk, kthvalue_mask, full_sort, search_mask)))
     return selections | {
         "elevate": elevate,
+        "elevate-aten": elevate_aten,
         "elevate-reference": reference,
         ELEVATE_BASELINE: down_proj,
     }
@@ -837,6 +848,17 @@ def write(result: dict[str, Any], args: argparse.Namespace) -> None:
         (out / "results.md").write_text(markdown(result))
 
 
+def elevate_kernel_used(device_type: str) -> str:
+    """What ran ``elevate``: the native CPU kernel, or the ATen path (and why)."""
+    from peft_infosteer._native import native_elevate, native_kernel_failure
+
+    if device_type != "cpu":
+        return "aten (accelerator)"
+    if native_elevate() is not None:
+        return "native CPU kernel"
+    return f"aten ({native_kernel_failure() or 'switched off: PEFT_INFOSTEER_NATIVE=0'})"
+
+
 def main(argv: list[str] | None = None) -> int:
     from peft_infosteer import ops
 
@@ -873,6 +895,7 @@ def main(argv: list[str] | None = None) -> int:
     if "kernels" in args.parts:
         result["kernels"] = timed_part(measure_kernels, args, model_dir)
     result["compiled_math_stayed_on"] = ops.compiled_math_enabled()  # False: compiling failed, the eager fallback ran
+    result["elevate_kernel"] = elevate_kernel_used(args.device_type)
     result["memory_method"] = (
         "cuda max_memory_allocated"
         if args.device_type == "cuda"
@@ -1064,7 +1087,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Load average before/after: {env['load_average_before']} / {env.get('load_average')} on {env['cpu_count']} "
         f"CPUs, {env['torch_threads']} torch threads. Compiled InfoSteer math stayed on: "
-        f"{result['compiled_math_stayed_on']}.",
+        f"{result['compiled_math_stayed_on']}. `elevate` ran on: {result.get('elevate_kernel', 'aten')}.",
         "",
     ]
     if "training" in result:

@@ -9,10 +9,11 @@ lowest are replaced by ``alpha`` times the row's mean (docs/concepts.md):
 
 The gradient is that of the formula: a replaced coefficient gets none of its own, and every coefficient gets its share
 through the mean, ``dL/dk_j = [j not replaced] g_j + (alpha / d) * sign(k_j) * sum_(s replaced) g_s * sign(k_s)``
-(``rank="value"``: without the signs). The selection is ``torch.topk`` of ``m`` (about 1% of ``d``), which touches
-every coefficient once and sorts nothing else. Backward keeps the output ``k'`` (which the output projection keeps
-anyway), the selected indices and the original values there (``rows x m``): ``sign(k)`` is ``sign(k')`` outside the
-selection. Nothing is read on the host.
+(``rank="value"``: without the signs). On CPU the forward and the backward each run as one pass per row in the native
+kernel (``peft_infosteer._native``); elsewhere, or where that kernel is off or could not be built, as the ATen code
+below, whose selection is ``torch.topk`` of ``m`` (about 1% of ``d``). Backward keeps the output ``k'`` (which the
+output projection keeps anyway), the selected indices and the original values there (``rows x m``): ``sign(k)`` is
+``sign(k')`` outside the selection. Nothing is read on the host.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import math
 from typing import Any
 
 import torch
+
+from ._native import native_elevate
 
 __all__ = [
     "Elevate",
@@ -91,6 +94,8 @@ def elevate_forward(
     since at one token per call their count, not their arithmetic, is the cost (each one dispatched with the caches
     cold from the layer's matmuls), so no kernel runs that the formula does not need.
     """
+    if k.device.type == "cpu" and (native := native_elevate()) is not None:
+        return tuple(native.elevate_forward(k, m, scale, by_value))
     index, mean = _select(k, m, by_value)
     picked = k.gather(-1, index)
     new = mean if scale == 1.0 else mean * scale
@@ -123,6 +128,8 @@ def elevate_backward(
     grad_out: torch.Tensor, out: torch.Tensor, index: torch.Tensor, picked: torch.Tensor, scale: float, by_value: bool
 ) -> torch.Tensor:
     """``dL/dk`` from ``dL/dk'`` and what :func:`elevate_forward` returned (the formula: module docstring)."""
+    if grad_out.device.type == "cpu" and (native := native_elevate()) is not None:
+        return native.elevate_backward(grad_out, out, index, picked, scale, by_value)
     d = out.shape[-1]
     wide = _compute_dtype(grad_out.dtype)
     grad_picked = grad_out.gather(-1, index).to(wide)

@@ -1,6 +1,7 @@
 """The package's on/off environment switches, read one way.
 
-``PEFT_INFOSTEER_COMPILE`` (:mod:`peft_infosteer.ops`) is read through :func:`env_flag`. The start-up hook
+``PEFT_INFOSTEER_COMPILE`` (:mod:`peft_infosteer.ops`) and ``PEFT_INFOSTEER_NATIVE``
+(:mod:`peft_infosteer._native`) are read through :func:`env_flag`. The start-up hook
 ``_peft_infosteer_autoload`` is a standalone top-level module that must not import this package, so it keeps its own
 copy of :data:`OFF_VALUES` for ``PEFT_INFOSTEER_AUTOLOAD``; ``tests/test_registration.py`` checks that both read the
 same values the same way.

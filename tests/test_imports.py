@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "peft_infosteer"
 
 # lower layers first: a module may import only modules of its own or an earlier layer
 LAYERS: list[set[str]] = [
-    {"version", "_env", "_compat", "_closed_form", "_elevate", "ops"},
+    {"version", "_env", "_native", "_compat", "_closed_form", "_elevate", "ops"},
     {"regularizer", "target", "architectures", "_registration", "validation"},
     {"config"},
     {"layer"},

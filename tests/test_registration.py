@@ -294,6 +294,8 @@ def test_wheels_ship_the_hook_and_an_editable_install_runs_the_project_file(tmp_
 
     wheel = _build(project, "build_wheel")
     assert (wheel / hook.name).read_bytes() == hook.read_bytes()
+    kernel = Path("peft_infosteer", "csrc", "elevate_cpu.cpp")  # built on first use, from the installed source
+    assert (wheel / kernel).read_bytes() == (project / kernel).read_bytes()
     for name in _STARTUP_FILES:
         assert (wheel / name).read_bytes() == (project / name).read_bytes()
 
