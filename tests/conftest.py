@@ -25,6 +25,14 @@ import peft_infosteer  # noqa: E402,F401  (registers the method)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the native CPU kernel of ``elevate`` once, up front (half a minute on a fresh machine): the processes that
+    tests start, some with timeouts, then load the built kernel instead of each building it."""
+    from peft_infosteer._native import native_elevate
+
+    native_elevate()
+
+
 @pytest.fixture
 def tiny():
     """Factory: ``tiny(model_type="llama", num_layers=2, seed=0)`` -> a tiny random causal LM."""
