@@ -90,9 +90,10 @@ def elevate_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The elevated keys, the selected indices and the original values there (what the backward keeps).
 
-    Also the whole computation when no gradient is needed (generation): a handful of kernels and no autograd node,
-    since at one token per call their count, not their arithmetic, is the cost (each one dispatched with the caches
-    cold from the layer's matmuls), so no kernel runs that the formula does not need.
+    Also the whole computation when no gradient is needed (generation), with no autograd node: on CPU one call of the
+    native kernel; elsewhere a handful of ATen kernels, since at one token per call their count, not their
+    arithmetic, is the cost (each one dispatched with the caches cold from the layer's matmuls), so no kernel runs
+    that the formula does not need.
     """
     if k.device.type == "cpu" and (native := native_elevate()) is not None:
         return tuple(native.elevate_forward(k, m, scale, by_value))
