@@ -193,6 +193,11 @@ def target_sweep(models: Sequence[tuple[str, str]], points: Sequence[str], seed:
 # ---- the paper's protocol (results/paper-<model>/<stage>.json) -------------------------------------------------
 
 
+def _negated(e: dict[str, Any]) -> dict[str, Any]:
+    """A paired difference the other way round (base minus SFT from SFT minus base)."""
+    return {"diff": 0.0 - e["diff"], "ci_low": 0.0 - e["ci_high"], "ci_high": 0.0 - e["ci_low"]}
+
+
 def paper_replication(models: Sequence[tuple[str, str]], stage: str = "dev", metric: str = "acc_norm"):
     """The paper's ablation (average accuracy and its difference to SFT) next to ours: per model, the paired
     difference to SFT on the eight-task mean with its 95% interval, from ``paper-<model>/<stage>.json``. A model whose
@@ -231,8 +236,7 @@ def paper_replication(models: Sequence[tuple[str, str]], stage: str = "dev", met
                     if up is None:
                         row.append("not run yet")
                     else:
-                        e = up[metric]["mean_ID"]
-                        row.append(diff_cell({"diff": -e["diff"], "ci_low": -e["ci_high"], "ci_high": -e["ci_low"]}))
+                        row.append(diff_cell(_negated(up[metric]["mean_ID"])))
                 else:
                     d = result["summary"]["differences"].get(method)
                     row.append(diff_cell(d[metric]["mean_ID"]) if d is not None else "not run yet")
@@ -240,6 +244,61 @@ def paper_replication(models: Sequence[tuple[str, str]], stage: str = "dev", met
         return markdown_table(header, rows)
 
     return build
+
+
+def paper_test(models: Sequence[tuple[str, str]], metric: str = "acc_norm"):
+    """The final results of the paper's protocol: per model, the methods of the test stage and the default of the
+    default stage (``paper-<model>/test.json``, ``default.json``) on the test documents, pooled over seeds. Per
+    method: the eight-task mean (± std over seeds), and the paired differences to SFT on the eight tasks and on the
+    two OOD tasks with their 95% intervals; for the default, the half-width against the issue's target. A stage that
+    has not run (or is partial) says so in its row."""
+
+    def build(res: Results) -> str:
+        rows: list[list[str]] = []
+        for label, name in models:
+            stages = {
+                s: res.json(f"{name}/{s}.json") for s in ("test", "default") if (res.dir / name / f"{s}.json").is_file()
+            }
+            if not stages:
+                rows.append([label, "not run yet", "", "", "", ""])
+                continue
+            lines: dict[str, list[str]] = {}  # method (or a stage's status) -> its row's cells, first stage first
+            notes: dict[str, list[str]] = {}
+            for stage, result in stages.items():
+                done = result["status"] == "complete"
+                if not done:  # "partial: N runs remain; ..."
+                    lines[stage] = [f"{stage} stage: {result['status'].split(';')[0]}", "", "", ""]
+                for method in dict.fromkeys(("base", "sft", *result["methods"])):
+                    if method not in lines:
+                        lines[method] = [f"`{method}`", *_paper_test_cells(result, method, metric)]
+                    if method in ("base", "sft"):
+                        continue
+                    notes.setdefault(method, []).append(f"{stage} stage")
+                    if stage == "default" and done and method == result["rule"]["default"]:
+                        half = 100 * result["half_width_mean_ID"]
+                        notes[method][-1] += f": the rule's default, half-width ±{half:.2f} (target ±1.0)"
+            for i, (key, cells) in enumerate(lines.items()):
+                rows.append([label if i == 0 else "", *cells, "; ".join(notes.get(key, []))])
+        header = ["model", "method", f"eight-task mean, `{metric}`", "− SFT: eight tasks", "− SFT: SciQ, CSQA", "stage"]
+        return markdown_table(header, rows)
+
+    return build
+
+
+def _paper_test_cells(result: dict[str, Any], method: str, metric: str) -> list[str]:
+    """A method's eight-task mean and its differences to SFT (eight tasks, OOD) in a test or default stage."""
+    summary, groups = result["summary"] or {}, ("mean_ID", "mean_OOD")
+    if method == "base" and summary.get("base"):  # one deterministic run: no spread; base - SFT = -(SFT - base)
+        up = result["sft_minus_base"]
+        diffs = [diff_cell(_negated(up[metric][g])) if up else "" for g in groups]
+        return [f"{100 * summary['base'][metric]['mean_ID']:.1f}", *diffs]
+    if method not in summary.get("methods", {}):
+        return ["not run yet", "", ""]
+    m = summary["methods"][method][metric]["mean_ID"]
+    d = summary["differences"].get(method)
+    diffs = [diff_cell(d[metric][g]) if d else "" for g in groups]
+    seeds = f"{m['n']} seed" + ("s" if m["n"] != 1 else "")
+    return [f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f} ({seeds})", *diffs]
 
 
 # ---- analyses of trained adapters (results/flux-classes/, results/specificity/) ----------------------------------
@@ -406,6 +465,8 @@ TABLES: dict[str, Table] = {
     ),
     "paper-replication-dev": Table("docs/benchmarks.md", paper_replication(PAPER_MODELS)),
     "paper-replication-dev-acc": Table("docs/benchmarks.md", paper_replication(PAPER_MODELS, metric="acc")),
+    "paper-test": Table("docs/benchmarks.md", paper_test(PAPER_MODELS)),
+    "paper-test-acc": Table("docs/benchmarks.md", paper_test(PAPER_MODELS, metric="acc")),
     "default-smollm2": Table("docs/benchmarks.md", default_test("smollm2-default", "SmolLM2-135M-Instruct", 2)),
     "default-gemma3": Table("docs/benchmarks.md", default_test("gemma3-default", "Gemma-3-270M", 1)),
     "overhead-modes": Table(

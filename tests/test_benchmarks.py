@@ -616,3 +616,57 @@ def test_paper_replication_table_puts_ours_beside_the_papers(tmp_path):
     assert rows["elevate-p1-a2"] == "| `elevate-p1-a2` | 75.5 | +2.9 | not run yet | not run yet |"
     with pytest.raises(FileNotFoundError, match="paper-b"):
         docs_tables.paper_replication([("B", "paper-b")])(docs_tables.Results(tmp_path))
+
+
+def _stage_result(status: str, methods: dict, base: float | None = 0.40, rule: str | None = None) -> dict:
+    """A paper-protocol test/default stage result: ``methods`` maps a method to (mean, std, n, diff to SFT)."""
+
+    def diff(d: float) -> dict:
+        return {"acc_norm": {g: {"diff": d, "ci_low": d - 0.01, "ci_high": d + 0.01} for g in ("mean_ID", "mean_OOD")}}
+
+    summary = {
+        "methods": {m: {"acc_norm": {"mean_ID": {"mean": v[0], "std": v[1], "n": v[2]}}} for m, v in methods.items()},
+        "differences": {m: diff(v[3]) for m, v in methods.items() if m != "sft"},
+        "base": {"acc_norm": {"mean_ID": base}} if base is not None else None,
+    }
+    result = {
+        "status": status,
+        "methods": {m: {} for m in methods},
+        "summary": summary,
+        "sft_minus_base": diff(0.03) if base is not None else None,
+    }
+    if rule is not None:
+        result |= {"rule": {"default": rule}, "half_width_mean_ID": 0.0082}
+    return result
+
+
+def test_paper_test_table_shows_both_stages_and_what_has_not_run(tmp_path):
+    """Test-stage methods and the default once each (the default marked with its half-width), base as minus SFT,
+    a partial stage and a model with no final runs said plainly."""
+    results = tmp_path / "benchmarks" / "results"
+    (results / "paper-a").mkdir(parents=True)
+    (results / "paper-b").mkdir(parents=True)
+    test = _stage_result("complete", {"sft": (0.43, 0.004, 3, 0), "lambda-0.01": (0.432, 0.002, 3, 0.002)})
+    default = _stage_result(
+        "complete", {"sft": (0.43, 0.004, 3, 0), "elevate-p1-a1": (0.425, 0.006, 3, -0.005)}, rule="elevate-p1-a1"
+    )
+    partial = _stage_result("partial: 4 runs remain; rerun to resume", {"sft": (0.5, 0.0, 1, 0)}, base=None)
+    (results / "paper-a" / "test.json").write_text(json.dumps(test))
+    (results / "paper-a" / "default.json").write_text(json.dumps(default))
+    (results / "paper-b" / "test.json").write_text(json.dumps(partial))
+    models = [("A", "paper-a"), ("B", "paper-b"), ("C", "paper-c")]
+    lines = docs_tables.paper_test(models)(docs_tables.Results(tmp_path)).splitlines()
+    assert (
+        lines[0] == "| model | method | eight-task mean, `acc_norm` | − SFT: eight tasks | − SFT: SciQ, CSQA | stage |"
+    )
+    assert lines[2:] == [
+        "| A | `base` | 40.0 | **-3.0 [-4.0, -2.0]** | **-3.0 [-4.0, -2.0]** | |",
+        "| | `sft` | 43.0 ± 0.4 (3 seeds) | | | |",
+        "| | `lambda-0.01` | 43.2 ± 0.2 (3 seeds) | +0.2 [-0.8, +1.2] | +0.2 [-0.8, +1.2] | test stage |",
+        "| | `elevate-p1-a1` | 42.5 ± 0.6 (3 seeds) | -0.5 [-1.5, +0.5] | -0.5 [-1.5, +0.5] "
+        "| default stage: the rule's default, half-width ±0.82 (target ±1.0) |",
+        "| B | test stage: partial: 4 runs remain | | | | |",
+        "| | `base` | not run yet | | | |",
+        "| | `sft` | 50.0 ± 0.0 (1 seed) | | | |",
+        "| C | not run yet | | | | |",
+    ]
