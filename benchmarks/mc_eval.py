@@ -16,12 +16,14 @@ Prompt formats:
 Context and continuation are tokenized separately and concatenated (as OLMo-eval does); a BOS token is prepended to
 ``rc`` contexts when the tokenizer adds one by default. Each distinct context runs through the model once; its
 key/value cache is then repeated for the choices, so a 4-choice question costs one context pass plus four short
-continuation passes.
+continuation passes. The continuation pass computes the output logits only at the positions it reads (no padding,
+not the last token), and takes each log-probability as the target's logit minus the row's log-sum-exp.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,6 +148,26 @@ def _batches(groups: list[_Group], ctx_tokens: int, cont_tokens: int) -> list[li
     return batches
 
 
+@contextmanager
+def _read_positions(model: Any, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[bool]:
+    """Compute the output logits only at hidden positions ``(rows, cols)``, as one ``[1, N, vocab]`` tensor.
+
+    The language-model head is most of a continuation pass's cost where the vocabulary is large (Gemma-3: 262k), and
+    most of the padded ``[rows, length, vocab]`` logits would never be read. A pre-hook on the output embeddings
+    gathers the positions that are read; whatever the model applies after the head (e.g. a logit soft-cap) is
+    elementwise and unchanged. Yields whether it hooked: without output embeddings, the logits are every position's.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield False
+        return
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows, cols].unsqueeze(0), *args[1:]))
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def _score_batch(model: Any, batch: list[_Group], device: torch.device, pad_id: int) -> list[list[float]]:
     b = len(batch)
@@ -171,16 +193,24 @@ def _score_batch(model: Any, batch: list[_Group], device: torch.device, pad_id: 
     for i, c in enumerate(conts):  # right padding: padded positions come after every real one and are never read
         cont[i, : len(c)] = torch.tensor(c)
         cont_mask[i, : len(c)] = 1
+    # the positions whose logits are read: (row, t) predicts cont[row, t + 1]
+    rows, cols = cont_mask[:, 1:].nonzero(as_tuple=True)
+    targets = cont[:, 1:][rows, cols].to(device)
+    rows, cols = rows.to(device), cols.to(device)
     cont, cont_mask = cont.to(device), cont_mask.to(device)
     index = torch.tensor(row_group, device=device)
     cache.batch_select_indices(index)
     mask = torch.cat([ctx_mask.index_select(0, index), cont_mask], dim=1)
     pos = ctx_mask.sum(-1).index_select(0, index).unsqueeze(-1) + torch.arange(lt, device=device)
-    logits = model(input_ids=cont, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_name: cache}).logits
+    with _read_positions(model, rows, cols) as gathered:
+        logits = model(
+            input_ids=cont, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_name: cache}
+        ).logits
     # log p(cont[0] | ctx) from the context pass, log p(cont[t] | ctx, cont[:t]) from the continuation pass
     first = first_logp.index_select(0, index).gather(1, cont[:, :1]).squeeze(1)
-    rest = logits[:, :-1].float().log_softmax(-1).gather(2, cont[:, 1:].unsqueeze(-1)).squeeze(-1)
-    totals = (first + (rest * cont_mask[:, 1:]).sum(-1)).tolist()
+    read = (logits[0] if gathered else logits[rows, cols]).float()  # [N, vocab]: the positions read
+    rest = read.gather(1, targets.unsqueeze(-1)).squeeze(-1) - read.logsumexp(-1)
+    totals = (first + torch.zeros_like(first).index_add_(0, rows, rest)).tolist()
     scores: list[list[float]] = [[] for _ in batch]
     for gi, total in zip(row_group, totals):
         scores[gi].append(total)

@@ -163,6 +163,39 @@ def test_score_items_matches_one_sequence_per_choice(tiny_dir, fmt):
         assert row["acc_norm"] == int(max(range(len(per_char)), key=per_char.__getitem__) == item.gold)
 
 
+@pytest.mark.parametrize("case", ["lora", "no-output-embeddings"])
+def test_score_items_computes_logits_only_where_it_reads_them(tiny_dir, case, monkeypatch):
+    """The continuation pass feeds the head only the positions it reads (through a PEFT wrapper too); a model
+    without output embeddings gets every position's logits; the scores are the naive ones either way."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = common.load_tokenizer(tiny_dir)
+    model = common.load_model(tiny_dir).eval()
+    head_outputs: list[tuple[int, ...]] = []  # [rows, positions, vocab] per pass through the head
+    model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: head_outputs.append(tuple(out.shape)))
+    if case == "lora":
+        config = LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+        model = get_peft_model(model, config).eval()
+    else:
+        monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
+    docs = [
+        {"id": "t/0", "query": "Question: Which is a fruit?\nAnswer:", "choices": ["an apple", "a red car", "x"]},
+        {"id": "t/1", "query": "A much longer context " * 5, "choices": ["yes it is", "no"]},
+    ]
+    items = mc_eval.build_items([d | {"gold": 0} for d in docs], "rc", tokenizer)
+    rows = mc_eval.score_items(model, tokenizer, items, "rc", ctx_tokens=40, cont_tokens=8)
+    read = sum(len(tokenizer(c, add_special_tokens=False).input_ids) - 1 for i in items for c in i.continuations)
+    contexts = [s for s in head_outputs if s[1] == 1]  # logits_to_keep=1: the last context token of each row
+    continuations = [s for s in head_outputs if s[1] != 1]
+    assert sum(s[0] for s in contexts) == len(items)
+    if case == "lora":
+        assert all(s[0] == 1 for s in continuations) and sum(s[1] for s in continuations) == read
+    else:
+        assert sum(s[0] * s[1] for s in continuations) > read  # padded rows and every last token
+    for row, item in zip(rows, items):
+        assert row["loglik"] == pytest.approx(_naive_logliks(model, tokenizer, item), abs=1e-4)
+
+
 def test_the_kernel_profile_sorts_self_time_by_kind():
     from benchmarks import overhead
 
