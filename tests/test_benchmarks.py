@@ -703,3 +703,14 @@ def test_paper_test_table_shows_both_stages_and_what_has_not_run(tmp_path):
         "| | `sft` | 50.0 ± 0.0 (1 seed) | | | |",
         "| C | not run yet | | | | |",
     ]
+
+
+def test_efficacy_help_documents_the_papers_protocol(capsys):
+    """Issue 22: ``python -m benchmarks.efficacy --help`` names the paper's protocol, its stages and its rule."""
+    with pytest.raises(SystemExit):
+        efficacy.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("python -m benchmarks.paper_protocol", "BoolQ, PIQA, SocialIQA", "its control lambda = -0.01"):
+        assert phrase in text
+    for stage in ("``dev``", "``test``", "``default``"):
+        assert stage in text
