@@ -47,6 +47,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,33 @@ def batch_order(lengths: list[int], steps: int, batch_size: int, seed: int, buck
 # ---- training --------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def loss_on_labelled_positions(model: Any, labels: torch.Tensor) -> Iterator[None]:
+    """The causal-LM loss of a forward with ``labels``, its logits computed only where a next-token label counts.
+
+    The same loss and gradients as the model's own (the mean cross-entropy over the labels that are not -100,
+    computed in float32), without the ``[batch, length, vocab]`` logits of padding and prompt tokens, most of a
+    training step where the vocabulary is large (Gemma-3). The model still gets ``labels`` (InfoSteer's regularizer
+    reads them); its loss function is swapped for this forward only.
+    """
+    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    targets = labels[:, 1:][rows, cols]
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # the transformers model
+
+    def loss_function(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs: Any) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits[0].float(), targets)
+
+    with mc_eval.logits_only_at(model, rows, cols) as gathered:
+        if not gathered:  # no output embeddings to hook: the model's own loss over every position
+            yield
+            return
+        own, model.loss_function = model.loss_function, loss_function
+        try:
+            yield
+        finally:
+            model.loss_function = own
+
+
 def train(model, examples, args: argparse.Namespace, seed: int, steps: int, pad_id: int) -> dict[str, Any]:
     """A plain PyTorch loop: AdamW, linear warmup then linear decay, grad-norm clipping; ``out.loss.backward()``
     trains the regularizer too (it is in the backward), and the loop logs its value and the flux."""
@@ -199,7 +227,7 @@ def train(model, examples, args: argparse.Namespace, seed: int, steps: int, pad_
         # without a regularizer (flatten) a training forward measures the flux only when asked
         tracking = peft_infosteer.track_flux(model) if steer else contextlib.nullcontext()
         autocast = torch.autocast(args.device_type, dtype=common.DTYPES[args.dtype], enabled=args.dtype != "float32")
-        with tracking, autocast:
+        with tracking, autocast, loss_on_labelled_positions(model, batch["labels"]):
             out = model(**batch)
         task_loss = out.loss.float()
         task_loss.backward()

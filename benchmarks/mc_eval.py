@@ -31,7 +31,16 @@ import torch
 
 from peft_infosteer._compat import cache_argument
 
-__all__ = ["EVAL_FORMATS", "MCItem", "adds_bos", "build_items", "chat_question", "score_items", "score_docs"]
+__all__ = [
+    "EVAL_FORMATS",
+    "MCItem",
+    "adds_bos",
+    "build_items",
+    "chat_question",
+    "logits_only_at",
+    "score_docs",
+    "score_items",
+]
 
 EVAL_FORMATS: tuple[str, ...] = ("rc", "chat")
 
@@ -149,13 +158,14 @@ def _batches(groups: list[_Group], ctx_tokens: int, cont_tokens: int) -> list[li
 
 
 @contextmanager
-def _read_positions(model: Any, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[bool]:
+def logits_only_at(model: Any, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[bool]:
     """Compute the output logits only at hidden positions ``(rows, cols)``, as one ``[1, N, vocab]`` tensor.
 
-    The language-model head is most of a continuation pass's cost where the vocabulary is large (Gemma-3: 262k), and
-    most of the padded ``[rows, length, vocab]`` logits would never be read. A pre-hook on the output embeddings
-    gathers the positions that are read; whatever the model applies after the head (e.g. a logit soft-cap) is
-    elementwise and unchanged. Yields whether it hooked: without output embeddings, the logits are every position's.
+    The language-model head is most of a forward's cost where the vocabulary is large (Gemma-3: 262k), and most of
+    the padded ``[rows, length, vocab]`` logits are never read (scoring) or never in the loss (training). A pre-hook
+    on the output embeddings gathers the positions that are; whatever the model applies after the head (e.g. a logit
+    soft-cap) is elementwise and unchanged. Yields whether it hooked: without output embeddings, the logits are
+    every position's.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
@@ -202,7 +212,7 @@ def _score_batch(model: Any, batch: list[_Group], device: torch.device, pad_id: 
     cache.batch_select_indices(index)
     mask = torch.cat([ctx_mask.index_select(0, index), cont_mask], dim=1)
     pos = ctx_mask.sum(-1).index_select(0, index).unsqueeze(-1) + torch.arange(lt, device=device)
-    with _read_positions(model, rows, cols) as gathered:
+    with logits_only_at(model, rows, cols) as gathered:
         logits = model(
             input_ids=cont, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_name: cache}
         ).logits

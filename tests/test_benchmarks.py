@@ -196,6 +196,43 @@ def test_score_items_computes_logits_only_where_it_reads_them(tiny_dir, case, mo
         assert row["loglik"] == pytest.approx(_naive_logliks(model, tokenizer, item), abs=1e-4)
 
 
+@pytest.mark.parametrize("steer", [False, True], ids=["lora", "infosteer"])
+def test_training_loss_on_labelled_positions_is_the_models_own(tiny_dir, steer):
+    """Same loss and gradients (with InfoSteer's regularizer, which reads the labels) as the model's own loss over
+    every position, with the head fed only the labelled positions; the model's loss is its own again afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    from peft_infosteer import InfoSteerConfig
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    config = InfoSteerConfig(lora=lora, entropy_weight=0.01) if steer else lora
+    model = get_peft_model(common.load_model(tiny_dir), config).train()
+    examples = [
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, -100, 8, 9]},
+        {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
+    ]
+    batch = common.collate(examples, pad_id=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads() -> tuple[float, list[torch.Tensor]]:
+        loss = model(**batch).loss
+        grads = torch.autograd.grad(loss, params)
+        return float(loss.detach()), grads
+
+    own = loss_and_grads()
+    shapes: list[tuple[int, ...]] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: shapes.append(tuple(out.shape)))
+    with efficacy.loss_on_labelled_positions(model, batch["labels"]):
+        gathered = loss_and_grads()
+    handle.remove()
+    assert shapes == [(1, 4, model.config.vocab_size)]  # the positions before 8, 9, 11 and 12
+    assert gathered[0] == pytest.approx(own[0], rel=1e-6)
+    for a, b in zip(gathered[1], own[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert loss_and_grads()[0] == pytest.approx(own[0], rel=1e-6)
+
+
 def test_the_kernel_profile_sorts_self_time_by_kind():
     from benchmarks import overhead
 
