@@ -63,6 +63,10 @@ class Results:
             self._cache[path] = json.loads(file.read_text())
         return self._cache[path]
 
+    def json_if_present(self, path: str) -> Any | None:
+        """:meth:`json`, or ``None`` where the file does not exist (a stage that has not run yet)."""
+        return self.json(path) if (self.dir / path).is_file() else None
+
 
 # ---- efficacy (results/<name>/results.json) ----------------------------------------------------------------------
 
@@ -204,10 +208,7 @@ def paper_replication(models: Sequence[tuple[str, str]], stage: str = "dev", met
     stage has no summary yet, or a method it has not run yet, shows "not run yet"; a partial stage says so."""
 
     def build(res: Results) -> str:
-        results = {
-            name: res.json(f"{name}/{stage}.json") if (res.dir / name / f"{stage}.json").is_file() else None
-            for _, name in models
-        }
+        results = {name: res.json_if_present(f"{name}/{stage}.json") for _, name in models}
         present = [r for r in results.values() if r is not None]
         if not present:
             raise FileNotFoundError(f"no {stage}.json of {[n for _, n in models]}: run the paper protocol first")
@@ -256,9 +257,8 @@ def paper_test(models: Sequence[tuple[str, str]], metric: str = "acc_norm"):
     def build(res: Results) -> str:
         rows: list[list[str]] = []
         for label, name in models:
-            stages = {
-                s: res.json(f"{name}/{s}.json") for s in ("test", "default") if (res.dir / name / f"{s}.json").is_file()
-            }
+            present = {s: res.json_if_present(f"{name}/{s}.json") for s in ("test", "default")}
+            stages = {s: result for s, result in present.items() if result is not None}
             if not stages:
                 rows.append([label, "not run yet", "", "", "", ""])
                 continue

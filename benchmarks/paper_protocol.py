@@ -566,7 +566,7 @@ def stage_report(stage: str, runner: Runner, args: argparse.Namespace, jobs, not
         "methods": {m: METHODS[m] for m in runs},
         "docs_per_task": {t: len(d) for t, d in runner.docs("dev" if stage == "dev" else "test").items()},
         "pools": {t: {k: (len(v) if k != "source" else v) for k, v in p.items()} for t, p in runner.pools.items()},
-        "summary": efficacy.summarise(runs, base, ns) if runs else None,
+        "summary": efficacy.summarise(runs, base, ns) if runs or base else None,
         "sft_minus_base": sft_minus_base(runs, base, tasks, args),
         "paper_averages": PAPER_AVERAGES,
         "environment": common.environment_info(args.device),
@@ -595,7 +595,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"{result['note']}; docs per task {result['docs_per_task']}.", ""]
     if s is None:
         return "\n".join(lines) + "\n"
-    cols = [c for c in ("mean_ID", "mean_OOD") if c in next(iter(s["methods"].values()))[PRIMARY]]
+    cols = [f"mean_{g}" for g in ("ID", "OOD") if s["groups"][g]]
     for metric in METRICS:
         lines += [f"## {metric}: mean (± std over seeds) and paired difference to SFT [95% CI], points", ""]
         lines += ["| method | " + " | ".join(cols) + " | diff " + " | diff ".join(cols) + " |"]

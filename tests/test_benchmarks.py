@@ -751,3 +751,26 @@ def test_efficacy_help_documents_the_papers_protocol(capsys):
         assert phrase in text
     for stage in ("``dev``", "``test``", "``default``"):
         assert stage in text
+
+
+def test_a_stage_report_with_only_the_base_model_shows_it():
+    """A stage whose only finished run is the base model's reports it (its summary is not dropped), and the test-split
+    table then shows the base row instead of "not run yet"."""
+    from types import SimpleNamespace
+
+    tasks = ["piqa", "sciq"]
+    base = {"eval": {"tasks": {t: {"acc": 0.5, "acc_norm": 0.25} for t in tasks}}, "flux": None}
+    ns = SimpleNamespace(eval_tasks=tasks, train_tasks=["piqa"], bootstrap=10, bootstrap_seed=0)
+    result = {
+        "stage": "test",
+        "name": "paper-a",
+        "status": "partial: 9 runs remain; rerun to resume",
+        "note": "n",
+        "docs_per_task": {},
+        "methods": {},
+        "summary": efficacy.summarise({}, base, ns),
+        "sft_minus_base": None,
+    }
+    text = paper_protocol.markdown(result)
+    assert "| base | 0.250 | 0.250 | | |" in text and "| method | mean_ID | mean_OOD |" in text
+    assert docs_tables._paper_test_cells(result, "base", "acc_norm") == ["25.0", "", ""]
