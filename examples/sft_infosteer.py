@@ -61,6 +61,7 @@ def main(script_args, training_args, model_args, dataset_args, infosteer_args):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"InfoSteer adapter saved to {training_args.output_dir}")
+    trainer.end()  # finish the trackers and destroy the process group, as TRL's own scripts do
 
 
 if __name__ == "__main__":

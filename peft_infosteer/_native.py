@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-from ._env import env_flag
+from ._env import env_flag, fallback_reason
 
 __all__ = ["native_elevate", "native_kernel_enabled", "native_kernel_failure", "set_native_kernel"]
 
@@ -55,7 +55,7 @@ class _NativeKernel:
             logger.info("peft_infosteer: building the native CPU elevate kernel (once per machine)")
             self.module = load(_NAME, [str(_SOURCE)], extra_cflags=["-O3"], verbose=False)
         except Exception as exc:  # no compiler, no ninja, a read-only cache, ...: the ATen path, for good
-            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.failure = fallback_reason(exc)
             warnings.warn(
                 f"peft_infosteer: the native CPU elevate kernel could not be built ({self.failure}); using the ATen "
                 "path in this process (same results, slower on CPU). It needs a C++ compiler and `pip install "

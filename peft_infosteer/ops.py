@@ -25,7 +25,7 @@ import torch
 
 from ._closed_form import Flatten, FusedFlux, Gain, entropy_terms, flatten_backward, flux_backward, log_d
 from ._elevate import Elevate, elevate_count, elevate_forward, elevate_in_compiled_graph
-from ._env import env_flag
+from ._env import env_flag, fallback_reason
 
 __all__ = [
     "USAGE_MODES",
@@ -118,7 +118,7 @@ def _compiled(name: str, formula: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _compile_failed(exc: Exception) -> None:
-    _PROCESS.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    _PROCESS.failure = fallback_reason(exc)
     warnings.warn(
         f"peft_infosteer: torch.compile of the InfoSteer math failed ({_PROCESS.failure}); using the eager "
         "closed-form functions instead, in every model of this process (same results, slower). Set "

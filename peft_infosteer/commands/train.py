@@ -142,8 +142,7 @@ def train(script_args, training_args, model_args, dataset_args, infosteer_args) 
     trainer.accelerator.print(f"InfoSteer adapter saved to {training_args.output_dir}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    if hasattr(trainer, "end"):
-        trainer.end()
+    trainer.end()  # finish the trackers and destroy the process group (a rank left with it can abort at exit)
     return training_args.output_dir
 
 
