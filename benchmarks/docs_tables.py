@@ -297,8 +297,9 @@ def _paper_test_cells(result: dict[str, Any], method: str, metric: str) -> list[
     m = summary["methods"][method][metric]["mean_ID"]
     d = summary["differences"].get(method)
     diffs = [diff_cell(d[metric][g]) if d else "" for g in groups]
-    seeds = f"{m['n']} seed" + ("s" if m["n"] != 1 else "")
-    return [f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f} ({seeds})", *diffs]
+    if m["n"] == 1:  # a partial stage: no spread over seeds yet
+        return [f"{100 * m['mean']:.1f} (1 seed)", *diffs]
+    return [f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f} ({m['n']} seeds)", *diffs]
 
 
 # ---- analyses of trained adapters (results/flux-classes/, results/specificity/) ----------------------------------

@@ -737,7 +737,7 @@ def test_paper_test_table_shows_both_stages_and_what_has_not_run(tmp_path):
         "| default stage: the rule's default, half-width ±0.82 (target ±1.0) |",
         "| B | test stage: partial: 4 runs remain | | | | |",
         "| | `base` | not run yet | | | |",
-        "| | `sft` | 50.0 ± 0.0 (1 seed) | | | |",
+        "| | `sft` | 50.0 (1 seed) | | | |",
         "| C | not run yet | | | | |",
     ]
 
