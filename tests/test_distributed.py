@@ -322,6 +322,7 @@ def test_ddp_flux_metric_covers_every_rank_at_the_end_of_an_epoch(tmp_path):
 
 _FSDP2_SCRIPT = textwrap.dedent(
     """
+    import os
     import sys
     import torch
     import torch.distributed as dist
@@ -371,7 +372,12 @@ _FSDP2_SCRIPT = textwrap.dedent(
         f"RESULT rank={{rank}} params={{len(diffs)}} kinds={{sorted(kinds)}} maxdiff={{max(diffs)}} gain={{gain_norm}}",
         flush=True,
     )
+    # teardown: gloo can abort a rank whose peer tears down first ("terminate called without an active exception"),
+    # and its worker threads can abort at interpreter finalization; so both ranks meet before the group goes, and
+    # the process ends without finalization once everything is printed
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)
     """
 )
 
