@@ -7,14 +7,18 @@ from pathlib import Path
 from peft_infosteer import assets
 
 
+def _write_converted(out: Path) -> Path:
+    out.mkdir(parents=True)  # a second conversion would find the directory there and fail
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"")
+    return out
+
+
 def _slow_conversion(out: Path, calls: list[int]):
     def convert() -> Path:
         calls.append(1)
         time.sleep(0.3)  # long enough for every other caller to arrive while it runs
-        out.mkdir(parents=True)  # a second conversion would find the directory there and fail
-        (out / "config.json").write_text("{}")
-        (out / "model.safetensors").write_bytes(b"")
-        return out
+        return _write_converted(out)
 
     return convert
 
@@ -42,10 +46,7 @@ def test_callers_asking_at_once_share_one_conversion(tmp_path):
 
 
 def test_a_converted_directory_is_returned_without_converting(tmp_path):
-    out = tmp_path / "model"
-    out.mkdir()
-    (out / "config.json").write_text("{}")
-    (out / "model.safetensors").write_bytes(b"")
+    out = _write_converted(tmp_path / "model")
     calls: list[int] = []
     assert assets._convert_once(out, _slow_conversion(out, calls)) == out
     assert calls == []
