@@ -157,11 +157,22 @@ def _convert_gemma3(out: Path) -> Path:
         joined_dir.mkdir(parents=True, exist_ok=True)
         joined = joined_dir / "gemma-3-270m.gguf"
         if not joined.is_file():
-            with open(joined, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk.read_bytes())
+            _join_files(chunks, joined)
         ggufs = [joined]
     return _convert_gguf(ggufs[0].parent, ggufs[0].name, out)
+
+
+def _join_files(chunks: list[Path], joined: Path) -> None:
+    """Concatenate ``chunks`` into ``joined`` through a temporary file, so that a join cut short (killed, disk full)
+    leaves no truncated ``joined`` for the next call to take as complete."""
+    partial = joined.with_name(joined.name + ".partial")
+    try:
+        with open(partial, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk.read_bytes())
+        os.replace(partial, joined)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 # ---- evaluation data ---------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from peft_infosteer import assets
 
 
@@ -50,3 +52,22 @@ def test_a_converted_directory_is_returned_without_converting(tmp_path):
     calls: list[int] = []
     assert assets._convert_once(out, _slow_conversion(out, calls)) == out
     assert calls == []
+
+
+def test_joining_parts_writes_their_concatenation(tmp_path):
+    chunks = [tmp_path / "a.gguf.part1", tmp_path / "a.gguf.part2"]
+    chunks[0].write_bytes(b"GGUF")
+    chunks[1].write_bytes(b"-rest")
+    assets._join_files(chunks, tmp_path / "joined.gguf")
+    assert (tmp_path / "joined.gguf").read_bytes() == b"GGUF-rest"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf.part1", "a.gguf.part2", "joined.gguf"]
+
+
+def test_a_join_cut_short_leaves_no_file_to_reuse(tmp_path):
+    first = tmp_path / "a.gguf.part1"
+    first.write_bytes(b"GGUF")
+    joined = tmp_path / "joined.gguf"
+    with pytest.raises(FileNotFoundError):
+        assets._join_files([first, tmp_path / "missing.gguf.part2"], joined)
+    assert not joined.exists()  # else the next call would convert a truncated file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf.part1"]
