@@ -275,7 +275,9 @@ def paper_test(models: Sequence[tuple[str, str]], metric: str = "acc_norm"):
                         continue
                     notes.setdefault(method, []).append(f"{stage} stage")
                     if stage == "default" and done and method == result["rule"]["default"]:
-                        half = 100 * result["half_width_mean_ID"]
+                        # this table's metric; default.json's half_width_mean_ID is the primary metric's
+                        diff = result["summary"]["differences"][method][metric]["mean_ID"]
+                        half = 100 * (diff["ci_high"] - diff["ci_low"]) / 2
                         notes[method][-1] += f": the rule's default, half-width ±{half:.2f} (target ±1.0)"
             for i, (key, cells) in enumerate(lines.items()):
                 rows.append([label if i == 0 else "", *cells, "; ".join(notes.get(key, []))])

@@ -706,6 +706,7 @@ def _stage_result(status: str, methods: dict, base: float | None = 0.40, rule: s
         "sft_minus_base": diff(0.03) if base is not None else None,
     }
     if rule is not None:
+        # not what the tables show: each shows its own metric's interval (here acc_norm's, half-width 1.00)
         result |= {"rule": {"default": rule}, "half_width_mean_ID": 0.0082}
     return result
 
@@ -734,7 +735,7 @@ def test_paper_test_table_shows_both_stages_and_what_has_not_run(tmp_path):
         "| | `sft` | 43.0 ± 0.4 (3 seeds) | | | |",
         "| | `lambda-0.01` | 43.2 ± 0.2 (3 seeds) | +0.2 [-0.8, +1.2] | +0.2 [-0.8, +1.2] | test stage |",
         "| | `elevate-p1-a1` | 42.5 ± 0.6 (3 seeds) | -0.5 [-1.5, +0.5] | -0.5 [-1.5, +0.5] "
-        "| default stage: the rule's default, half-width ±0.82 (target ±1.0) |",
+        "| default stage: the rule's default, half-width ±1.00 (target ±1.0) |",
         "| B | test stage: partial: 4 runs remain | | | | |",
         "| | `base` | not run yet | | | |",
         "| | `sft` | 50.0 (1 seed) | | | |",
