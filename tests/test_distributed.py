@@ -64,6 +64,24 @@ def _run(cmd: list[str], timeout: int = 400, **env: str) -> str:
     return output
 
 
+# Every multi-process script below ends its ranks with this, once the group is destroyed and the results printed:
+# gloo can abort a rank whose peer tears down first, and c10d's threads can abort at interpreter finalization
+# ("terminate called without an active exception", seen on a loaded two-core machine after training had finished).
+_EXIT_WITHOUT_FINALIZATION = textwrap.dedent(
+    """
+    import os as _os
+    import sys as _sys
+
+
+    def exit_without_finalization():
+        _sys.stdout.flush()
+        _sys.stderr.flush()
+        _os._exit(0)
+
+    """
+)
+
+
 # the paper's intervention with a visible effect on these tiny layers (d_ff 64: ceil(5%) = 4 keys per token, twice the
 # mean)
 _ELEVATE_FLAGS = ("--elevate_fraction", "0.05", "--elevate_scale", "2.0")
@@ -140,7 +158,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert abs(ddp_flux[0] - rank0_flux[0]) > 1e-4
 
 
-_PLAIN_SFT_SCRIPT = textwrap.dedent(
+_PLAIN_SFT_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
     """
     import sys
     import torch.distributed as dist
@@ -161,6 +179,7 @@ _PLAIN_SFT_SCRIPT = textwrap.dedent(
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        exit_without_finalization()
     """
 )
 
@@ -188,7 +207,7 @@ def test_ddp_with_a_plain_sft_trainer_matches_one_process(tmp_path, intervention
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
 
 
-_TARGET_SCRIPT = textwrap.dedent(
+_TARGET_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
     """
     import sys
     import torch.distributed as dist
@@ -220,6 +239,7 @@ _TARGET_SCRIPT = textwrap.dedent(
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        exit_without_finalization()
     """
 )
 
@@ -245,7 +265,7 @@ def test_ddp_flux_target_is_identical_on_every_rank_and_matches_one_process(tmp_
     assert ranks[0][0] == pytest.approx(start, rel=1e-5) and ranks[0][1] == pytest.approx(weight, rel=1e-4)
 
 
-_EPOCH_END_SCRIPT = textwrap.dedent(
+_EPOCH_END_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
     """
     import sys
     import torch.distributed as dist
@@ -285,9 +305,9 @@ _EPOCH_END_SCRIPT = textwrap.dedent(
         for h in trainer.state.log_history:
             if "infosteer/flux" in h:
                 print(f"LOGGED step={{h['step']}} flux={{h['infosteer/flux']!r}}", flush=True)
-    # an orderly teardown: left to interpreter exit, a rank of a loaded machine can abort in c10d's threads
     dist.barrier()
     dist.destroy_process_group()
+    exit_without_finalization()
     """
 )
 
@@ -320,7 +340,7 @@ def test_ddp_flux_metric_covers_every_rank_at_the_end_of_an_epoch(tmp_path):
             assert abs(flux_sum / count - logged[step]) > 1e-5
 
 
-_FSDP2_SCRIPT = textwrap.dedent(
+_FSDP2_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
     """
     import os
     import sys
@@ -372,12 +392,9 @@ _FSDP2_SCRIPT = textwrap.dedent(
         f"RESULT rank={{rank}} params={{len(diffs)}} kinds={{sorted(kinds)}} maxdiff={{max(diffs)}} gain={{gain_norm}}",
         flush=True,
     )
-    # teardown: gloo can abort a rank whose peer tears down first ("terminate called without an active exception"),
-    # and its worker threads can abort at interpreter finalization; so both ranks meet before the group goes, and
-    # the process ends without finalization once everything is printed
     dist.barrier()
     dist.destroy_process_group()
-    os._exit(0)
+    exit_without_finalization()
     """
 )
 
@@ -401,7 +418,7 @@ def test_fsdp2_sharded_gradients_match_single_process(tmp_path):
         assert float(values["gain"]) > 1e-3  # and there is a regularizer gradient to compare
 
 
-_DEEPSPEED_SCRIPT = textwrap.dedent(
+_DEEPSPEED_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
     """
     # One rank of a tiny InfoSteer SFT run (plain trl.SFTTrainer) under DeepSpeed ZeRO on CPU, or the plain reference.
     # python script.py MODEL_DIR DATA OUT STAGE GC   (STAGE 0: no DeepSpeed; GC: none | reentrant | non-reentrant)
@@ -485,6 +502,7 @@ _DEEPSPEED_SCRIPT = textwrap.dedent(
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        exit_without_finalization()
     """
 )
 
