@@ -64,16 +64,23 @@ def _run(cmd: list[str], timeout: int = 400, **env: str) -> str:
     return output
 
 
-# Every multi-process script below ends its ranks with this, once the group is destroyed and the results printed:
-# gloo can abort a rank whose peer tears down first, and c10d's threads can abort at interpreter finalization
-# ("terminate called without an active exception", seen on a loaded two-core machine after training had finished).
-_EXIT_WITHOUT_FINALIZATION = textwrap.dedent(
+# Every script below ends with this once its results are printed. Under a process group, gloo can abort a rank whose
+# peer tears down first, and c10d's threads can abort at interpreter finalization ("terminate called without an active
+# exception", seen on a loaded two-core machine after training had finished): so the ranks meet, the group goes, and
+# the process ends without finalization. A run without a process group ends normally.
+_END_RANK = textwrap.dedent(
     """
     import os as _os
     import sys as _sys
 
 
-    def exit_without_finalization():
+    def end_rank():
+        import torch.distributed as _dist
+
+        if not _dist.is_initialized():
+            return
+        _dist.barrier()
+        _dist.destroy_process_group()
         _sys.stdout.flush()
         _sys.stderr.flush()
         _os._exit(0)
@@ -158,10 +165,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert abs(ddp_flux[0] - rank0_flux[0]) > 1e-4
 
 
-_PLAIN_SFT_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
+_PLAIN_SFT_SCRIPT = _END_RANK + textwrap.dedent(
     """
-    import sys
-    import torch.distributed as dist
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 
     from peft_infosteer.commands.train import InfoSteerArguments, build_infosteer_config, load_sft_dataset
@@ -176,10 +181,7 @@ _PLAIN_SFT_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-        exit_without_finalization()
+    end_rank()
     """
 )
 
@@ -207,7 +209,7 @@ def test_ddp_with_a_plain_sft_trainer_matches_one_process(tmp_path, intervention
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
 
 
-_TARGET_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
+_TARGET_SCRIPT = _END_RANK + textwrap.dedent(
     """
     import sys
     import torch.distributed as dist
@@ -236,10 +238,7 @@ _TARGET_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
     rank = dist.get_rank() if dist.is_initialized() else 0
     line = f"TARGET rank={{rank}} start={{target.flux_start!r}} weight={{target.weight!r}} steps={{target.steps}}"
     print(line, flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-        exit_without_finalization()
+    end_rank()
     """
 )
 
@@ -265,7 +264,7 @@ def test_ddp_flux_target_is_identical_on_every_rank_and_matches_one_process(tmp_
     assert ranks[0][0] == pytest.approx(start, rel=1e-5) and ranks[0][1] == pytest.approx(weight, rel=1e-4)
 
 
-_EPOCH_END_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
+_EPOCH_END_SCRIPT = _END_RANK + textwrap.dedent(
     """
     import sys
     import torch.distributed as dist
@@ -305,9 +304,7 @@ _EPOCH_END_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
         for h in trainer.state.log_history:
             if "infosteer/flux" in h:
                 print(f"LOGGED step={{h['step']}} flux={{h['infosteer/flux']!r}}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_without_finalization()
+    end_rank()
     """
 )
 
@@ -340,9 +337,8 @@ def test_ddp_flux_metric_covers_every_rank_at_the_end_of_an_epoch(tmp_path):
             assert abs(flux_sum / count - logged[step]) > 1e-5
 
 
-_FSDP2_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
+_FSDP2_SCRIPT = _END_RANK + textwrap.dedent(
     """
-    import os
     import sys
     import torch
     import torch.distributed as dist
@@ -392,9 +388,7 @@ _FSDP2_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
         f"RESULT rank={{rank}} params={{len(diffs)}} kinds={{sorted(kinds)}} maxdiff={{max(diffs)}} gain={{gain_norm}}",
         flush=True,
     )
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_without_finalization()
+    end_rank()
     """
 )
 
@@ -418,7 +412,7 @@ def test_fsdp2_sharded_gradients_match_single_process(tmp_path):
         assert float(values["gain"]) > 1e-3  # and there is a regularizer gradient to compare
 
 
-_DEEPSPEED_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
+_DEEPSPEED_SCRIPT = _END_RANK + textwrap.dedent(
     """
     # One rank of a tiny InfoSteer SFT run (plain trl.SFTTrainer) under DeepSpeed ZeRO on CPU, or the plain reference.
     # python script.py MODEL_DIR DATA OUT STAGE GC   (STAGE 0: no DeepSpeed; GC: none | reentrant | non-reentrant)
@@ -499,10 +493,7 @@ _DEEPSPEED_SCRIPT = _EXIT_WITHOUT_FINALIZATION + textwrap.dedent(
         from safetensors.torch import save_file
 
         save_file(weights, os.path.join(out, "adapter.safetensors"))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        exit_without_finalization()
+    end_rank()
     """
 )
 
